@@ -1,0 +1,528 @@
+"""``EmoOptimizer``: what the three Emo optimizers share.
+
+One optimizer step, in order (SPEC §1-5):
+
+1. call the closure once under ``enable_grad`` (if given);
+2. pick the loss: ``step(loss=)`` > pending ``set_loss``/``add_loss`` > closure value;
+3. check every gradient (sparse -> error) before anything changes;
+4. one device flag for "loss and all gradients finite", folded into the loss so that the
+   optional cross-rank mean (one 0-dim all-reduce) makes all ranks agree;
+5. advance the loss sensor once (``pulse.pulse_update``) -> emoPulse;
+6. per group ``lr_g = pulse * group["lr"] / group["scope"]``, shadow, then the subclass's
+   update rule, bucketed by device and dtype, computed in the state dtype (fp32 for half
+   parameters) and written back with optional stochastic rounding.
+
+Nothing in ``step()`` reads a tensor value on the host: skipped steps are masked, not branched.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._validation import as_bool, as_int, check_range, loss_to_tensor
+from .distributed import all_reduce_loss_
+from .precision import LOW_PRECISION, copy_stochastic_, default_state_dtype
+from .pulse import init_sensor_state, pulse_update
+
+__all__ = ["Bucket", "EmoOptimizer"]
+
+SENSOR_STATE_KEY = "emo_pulse"
+META_STATE_KEY = "emo_meta"
+
+_NO_LOSS_WARNING = (
+    "{name}.step() received no loss, so emoPulse cannot adapt and the previous learning rate "
+    "is reused. Feed the training loss each step in one of three ways: opt.step(loss=loss), "
+    "opt.set_loss(loss) / opt.add_loss(loss) before step(), or a closure that returns the "
+    "loss. With Lightning add emo_lightning.EmoCallback; with transformers use emo_hf."
+)
+
+
+@dataclass
+class Bucket:
+    """Tensors of one param group that share a device and dtype, ready for an update rule.
+
+    ``params``, ``grads`` and the ``states`` lists are in the compute dtype (fp32 for half
+    parameters); ``lr`` is the effective LR and ``valid`` the step's finite flag, both 0-dim
+    on the bucket's device. An update rule must leave every tensor bitwise unchanged when
+    ``valid`` is False.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: dict[str, list[Tensor | None]]
+    lr: Tensor
+    valid: Tensor
+    group: dict[str, Any]
+    impl: str
+    indices: list[int] = field(default_factory=list)
+
+    def masked_grads(self) -> list[Tensor]:
+        """Gradients with every element zeroed on a skipped step (so 0 * grad stays 0)."""
+        return [torch.where(self.valid, g, 0.0) for g in self.grads]
+
+    def decay(self, beta: float) -> Tensor:
+        """``beta`` on a valid step and 1 on a skipped one: ``state * decay`` keeps the state."""
+        return torch.where(self.valid, beta, 1.0).to(self.lr.dtype)
+
+    def step_lr(self) -> Tensor:
+        """The effective LR on a valid step and 0 on a skipped one."""
+        return self.lr * self.valid
+
+
+class EmoOptimizer(Optimizer):
+    """Base class of EmoSens, EmoAiry and EmoCats; see the module docstring for one step.
+
+    Subclasses define ``_group_defaults`` checks (``_check_group``), lazy per-parameter state
+    (``_init_state``) and the update rule (``_update``).
+    """
+
+    _impls: tuple[str, ...] = ("foreach", "single")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        lr: float,
+        weight_decay: float,
+        use_shadow: bool,
+        min_lr: float,
+        max_lr: float,
+        sync_loss: bool,
+        process_group: object | None,
+        state_dtype: torch.dtype | None,
+        stochastic_rounding: bool | None,
+        foreach: bool | None,
+        writer: Any | None,
+        log_every: int,
+    ) -> None:
+        lr = check_range("lr", lr, 0.0, low_inclusive=False)
+        self.min_lr = check_range("min_lr", min_lr, 0.0, low_inclusive=False)
+        self.max_lr = check_range("max_lr", max_lr, 0.0, low_inclusive=False)
+        if self.min_lr > self.max_lr:
+            raise ValueError(
+                f"Invalid min_lr/max_lr: {min_lr} > {max_lr} (expected 0 < min_lr <= max_lr)"
+            )
+        self.sync_loss = as_bool("sync_loss", sync_loss)
+        self.process_group = process_group
+        if state_dtype is not None and not (
+            isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype!r} (expected None or a floating torch.dtype "
+                "such as torch.float32 or torch.bfloat16)"
+            )
+        self.state_dtype = state_dtype
+        self.stochastic_rounding = as_bool(
+            "stochastic_rounding", stochastic_rounding, allow_none=True
+        )
+        self.foreach = as_bool("foreach", foreach, allow_none=True)
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise ValueError(
+                f"Invalid writer: {writer!r} (expected None or an object with "
+                "add_scalar(tag, value, step), e.g. torch.utils.tensorboard.SummaryWriter)"
+            )
+        self.writer = writer
+        self.log_every = as_int("log_every", log_every)
+        if self.log_every < 1:
+            raise ValueError(f"Invalid log_every: {log_every!r} (expected log_every >= 1)")
+        defaults = {
+            "lr": lr,
+            "scope": lr,
+            "weight_decay": weight_decay,
+            "use_shadow": as_bool("use_shadow", use_shadow),
+            **defaults,
+        }
+        self._warned_no_loss = False
+        self._pending_sum: Tensor | None = None
+        self._pending_count = 0
+        super().__init__(params, defaults)
+        device = self._sensor_device()
+        self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self.max_lr)
+        self.state[META_STATE_KEY] = {"steps": 0, "seed": random.Random().randrange(2**62)}
+        self._refresh_effective_lr()
+
+    # ----------------------------------------------------------------- construction
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate (and normalise in place) one param group's hyperparameters."""
+        group["lr"] = (
+            group["lr"]
+            if isinstance(group["lr"], Tensor)
+            else check_range("lr", group["lr"], 0.0)
+        )
+        group["scope"] = check_range("scope", group["scope"], 0.0, low_inclusive=False)
+        group["weight_decay"] = check_range("weight_decay", group["weight_decay"], 0.0)
+        group["use_shadow"] = as_bool("use_shadow", group["use_shadow"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after checking its hyperparameters; nothing changes on error."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Invalid param_group: expected a dict, got {type(param_group)}")
+        candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_group(candidate)
+        param_group = {**param_group, **candidate}
+        super().add_param_group(param_group)
+
+    def _sensor_device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_warned_no_loss", False)
+        self.__dict__.setdefault("_pending_sum", None)
+        self.__dict__.setdefault("_pending_count", 0)
+        for group in self.param_groups:
+            group.setdefault("scope", group["lr"])
+            group.setdefault("use_shadow", False)
+
+    # ------------------------------------------------------------------ loss intake
+    @property
+    def _sensor(self) -> dict[str, Tensor]:
+        return self.state[SENSOR_STATE_KEY]
+
+    def _as_loss(self, loss: Any, source: str) -> Tensor:
+        sensor_t = self._sensor["ema_long"]
+        return loss_to_tensor(loss, source, sensor_t.device, sensor_t.dtype)
+
+    def set_loss(self, loss: float | Tensor) -> None:
+        """Set the loss the next ``step()`` senses, replacing anything pending."""
+        self._pending_sum = self._as_loss(loss, "set_loss()")
+        self._pending_count = 1
+
+    def add_loss(self, loss: float | Tensor) -> None:
+        """Add a micro-batch loss; the next ``step()`` senses the mean of those added."""
+        value = self._as_loss(loss, "add_loss()")
+        self._pending_sum = value if self._pending_sum is None else self._pending_sum + value
+        self._pending_count += 1
+
+    def _pick_loss(self, explicit: Any, closure_value: Any, has_closure: bool) -> Tensor | None:
+        if explicit is not None:
+            return self._as_loss(explicit, "step(loss=...)")
+        if self._pending_sum is not None:
+            return self._pending_sum / self._pending_count
+        if has_closure:
+            if closure_value is None:
+                raise TypeError(
+                    "Invalid loss from closure: the closure returned None; return the loss "
+                    "tensor (or pass step(loss=...) / call set_loss())"
+                )
+            return self._as_loss(closure_value, "closure()")
+        return None
+
+    # ------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """One optimizer step; returns the closure's value like ``torch.optim``.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; called once under grad.
+            loss: this step's training loss (number or one-element tensor); takes priority
+                over a pending ``set_loss``/``add_loss`` value and the closure's value.
+        """
+        closure_value = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_value = closure()
+        loss_t = self._pick_loss(loss, closure_value, closure is not None)
+        work = self._collect()  # raises before anything changes
+        self._pending_sum, self._pending_count = None, 0
+
+        sensor = self._sensor
+        valid = self._grads_finite(work, sensor["ema_long"].device)
+        if loss_t is None:
+            self._warn_no_loss()
+            if valid is not None:
+                sensor["skipped"] = sensor["skipped"] + (~valid).to(sensor["skipped"].dtype)
+        else:
+            if valid is not None:  # fold the gradient flag into the loss: nan if not finite
+                loss_t = torch.where(valid, loss_t, float("nan"))
+            if self.sync_loss:
+                all_reduce_loss_(loss_t, self.process_group)
+            valid = torch.isfinite(loss_t)
+            self.state[SENSOR_STATE_KEY] = pulse_update(
+                sensor,
+                loss_t,
+                valid,
+                scope=self.defaults["scope"],
+                min_lr=self.min_lr,
+                max_lr=self.max_lr,
+            )
+        self._refresh_effective_lr()
+        if valid is None:
+            valid = torch.ones((), dtype=torch.bool, device=sensor["ema_long"].device)
+
+        meta = self.state[META_STATE_KEY]
+        meta["steps"] += 1
+        for group, params in zip(self.param_groups, work):
+            if params:
+                self._step_group(group, params, valid, meta)
+        if self.writer is not None and meta["steps"] % self.log_every == 0:
+            self._log(meta["steps"])
+        return closure_value
+
+    def _collect(self) -> list[list[tuple[int, Tensor]]]:
+        """Per group, the (index, param) pairs that have a gradient; rejects sparse grads."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            params = []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"(param group {gi}, parameter index {pi}); use a dense embedding "
+                        "(sparse=False) or torch.optim.SparseAdam for that parameter"
+                    )
+                params.append((pi, p))
+            work.append(params)
+        return work
+
+    @staticmethod
+    def _grads_finite(work: list[list[tuple[int, Tensor]]], device: torch.device) -> Tensor | None:
+        """One 0-dim bool tensor: are all gradients finite? ``None`` if there are none."""
+        by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for params in work:
+            for _, p in params:
+                g = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
+                by_device.setdefault((g.device, g.dtype), []).append(g)
+        if not by_device:
+            return None
+        peaks = []
+        for grads in by_device.values():
+            norms = torch._foreach_norm(grads, float("inf"))
+            peaks.append(torch.stack(norms).amax().to(device=device, dtype=torch.float32))
+        return torch.isfinite(torch.stack(peaks).amax())
+
+    def _warn_no_loss(self) -> None:
+        if not self._warned_no_loss:
+            self._warned_no_loss = True
+            warnings.warn(_NO_LOSS_WARNING.format(name=type(self).__name__), stacklevel=3)
+
+    def _refresh_effective_lr(self) -> None:
+        pulse = self._sensor["pulse"]
+        for group in self.param_groups:
+            group["emo_lr"] = (pulse * (group["lr"] / group["scope"])).to(torch.float32)
+
+    # ------------------------------------------------------------------- per group
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        params: list[tuple[int, Tensor]],
+        valid: Tensor,
+        meta: dict[str, int],
+    ) -> None:
+        buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
+        for index, p in params:
+            buckets.setdefault((p.device, p.dtype), []).append((index, p))
+        for (device, dtype), members in buckets.items():
+            compute_dtype = default_state_dtype(dtype, self.state_dtype)
+            if compute_dtype in LOW_PRECISION:
+                compute_dtype = torch.float32  # state may be stored low, math is fp32
+            originals = [p for _, p in members]
+            for p in originals:
+                if not self.state[p]:
+                    self._init_full_state(p, group, dtype)
+            keys = dict.fromkeys(k for p in originals for k in self.state[p] if k != "shadow")
+            stored_states = {
+                key: [_real_or_none(self.state[p].get(key)) for p in originals] for key in keys
+            }
+            states = {
+                key: values if key == "step" else [_to_compute(t, compute_dtype) for t in values]
+                for key, values in stored_states.items()
+            }
+            work_params = [_real(p).to(compute_dtype) for p in originals]
+            work_grads = [_real(p.grad).to(compute_dtype) for p in originals]
+            lr = group["emo_lr"].to(device=device, dtype=compute_dtype)
+            bucket = Bucket(
+                params=work_params,
+                grads=work_grads,
+                states=states,
+                lr=lr,
+                valid=valid.to(device),
+                group=group,
+                impl=self._pick_impl(originals, compute_dtype),
+                indices=[i for i, _ in members],
+            )
+            if group["use_shadow"]:
+                self._apply_shadow(bucket, [self.state[p]["shadow"] for p in originals])
+            self._update(bucket)
+            self._write_back(originals, work_params, stored_states, states, device, meta)
+
+    def _init_full_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> None:
+        state_dtype = default_state_dtype(dtype, self.state_dtype)
+        real = _real(p)
+        self._init_state(real, self.state[p], state_dtype)
+        if group["use_shadow"]:
+            self.state[p]["shadow"] = real.detach().to(state_dtype, copy=True)
+
+    def _pick_impl(self, params: list[Tensor], compute_dtype: torch.dtype) -> str:
+        if self.foreach is False:
+            return "single"
+        return "foreach"
+
+    def _apply_shadow(self, bucket: Bucket, shadows: list[Tensor]) -> None:
+        """Self-repair (SPEC §4): pull back on large |σ|, else let the shadow follow."""
+        sensor = self._sensor
+        device = bucket.lr.device
+        dtype = bucket.lr.dtype
+        magnitude = sensor["scalar"].abs().to(device=device, dtype=dtype)
+        trust = sensor["trust"].abs().to(device=device, dtype=dtype)
+        pull = torch.where(magnitude > 0.625, 1.0 - magnitude, 0.0) * bucket.valid
+        follow = torch.where(pull > 0, 0.0, 0.1 * trust) * bucket.valid
+        work_shadows = [_real(s).to(dtype) for s in shadows]
+        toward_shadow = torch._foreach_sub(work_shadows, bucket.params)
+        torch._foreach_mul_(toward_shadow, pull)
+        torch._foreach_add_(bucket.params, toward_shadow)
+        toward_param = torch._foreach_sub(bucket.params, work_shadows)
+        torch._foreach_mul_(toward_param, follow)
+        torch._foreach_add_(work_shadows, toward_param)
+        for stored, work in zip(shadows, work_shadows):
+            if _real(stored) is not work:
+                _real(stored).copy_(work)
+
+    def _write_back(
+        self,
+        originals: list[Tensor],
+        work_params: list[Tensor],
+        stored_states: dict[str, list[Tensor]],
+        work_states: dict[str, list[Tensor]],
+        device: torch.device,
+        meta: dict[str, int],
+    ) -> None:
+        generator = None
+        for p, work in zip(originals, work_params):
+            target = _real(p)
+            if target is work or target.data_ptr() == work.data_ptr():
+                continue
+            if self._rounds_stochastically(p):
+                if generator is None:
+                    generator = torch.Generator(device=device)
+                    generator.manual_seed((meta["seed"] + meta["steps"]) % (2**63))
+                copy_stochastic_(target, work, generator)
+            else:
+                target.copy_(work)
+        for key, stored in stored_states.items():
+            for target, work in zip(stored, work_states[key]):
+                if target is not None and target.data_ptr() != work.data_ptr():
+                    target.copy_(work)
+
+    def _rounds_stochastically(self, p: Tensor) -> bool:
+        if p.dtype != torch.bfloat16:
+            return False
+        return self.stochastic_rounding is not False
+
+    # ------------------------------------------------------------ subclass hooks
+    def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def _update(self, bucket: Bucket) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------- reading results
+    @property
+    def should_stop(self) -> bool:
+        """True once the loss has settled (SPEC §2.8); sticky until ``reset_stop()``. Syncs."""
+        return bool(self._sensor["stop"])
+
+    def reset_stop(self) -> None:
+        """Clear the early-stop signal."""
+        self._sensor["stop"] = torch.zeros_like(self._sensor["stop"])
+
+    def get_effective_lr(self) -> list[float]:
+        """The effective learning rate of each param group at the last step. Syncs."""
+        return [float(group["emo_lr"]) for group in self.param_groups]
+
+    def telemetry(self) -> dict[str, float]:
+        """The loss sensor's current values as floats (for logging; syncs)."""
+        s = self._sensor
+        return {
+            "ema_short": float(s["ema_short"]),
+            "ema_medium": float(s["ema_medium"]),
+            "ema_long": float(s["ema_long"]),
+            "scalar": float(s["scalar"]),
+            "trust": float(s["trust"]),
+            "noise": float(s["noise"]),
+            "d": float(s["d"]),
+            "H": float(s["H"]),
+            "pulse": float(s["pulse"]),
+            "skipped_steps": float(s["skipped"]),
+            "step": float(self.state[META_STATE_KEY]["steps"]),
+            "sensed_steps": float(s["t"]),
+            "should_stop": float(s["stop"]),
+        }
+
+    def _log(self, step: int) -> None:
+        values = self.telemetry()
+        lrs = self.get_effective_lr()
+        self.writer.add_scalar("emo/lr", lrs[0], step)
+        for index, value in enumerate(lrs[1:], start=1):
+            self.writer.add_scalar(f"emo/lr_group{index}", value, step)
+        for key in ("scalar", "trust", "noise"):
+            self.writer.add_scalar(f"emo/{key}", values[key], step)
+
+    # ------------------------------------------------------------------ resume
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``torch.optim``, but keep fp32 state fp32 for half parameters.
+
+        ``Optimizer.load_state_dict`` casts floating state to the parameter's dtype; Emo
+        state is kept in its own dtype (SPEC §5), so the incoming tensors are restored as
+        saved, on the parameter's device.
+        """
+        incoming = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in incoming.get(saved_id, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+        device = self._sensor_device()
+        sensor = incoming.get(SENSOR_STATE_KEY)
+        if sensor is None:
+            self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self.max_lr)
+        else:
+            fresh = init_sensor_state(device, self.max_lr)
+            self.state[SENSOR_STATE_KEY] = {
+                key: sensor.get(key, fresh[key]).detach().to(
+                    device=device,
+                    dtype=fresh[key].dtype if fresh[key].is_floating_point() else None,
+                    copy=True,
+                )
+                if key in sensor
+                else fresh[key]
+                for key in fresh
+            }
+        meta = incoming.get(META_STATE_KEY)
+        self.state[META_STATE_KEY] = dict(meta) if meta else {"steps": 0, "seed": 0}
+        for group in self.param_groups:
+            group.setdefault("scope", group["lr"])
+        self._refresh_effective_lr()
+
+
+def _real(t: Tensor) -> Tensor:
+    """Complex tensors are updated as pairs of reals."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_or_none(t: Tensor | None) -> Tensor | None:
+    return None if t is None else _real(t)
+
+
+def _to_compute(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """State in the compute dtype (a no-op, returning ``t`` itself, when it already is)."""
+    if t is None:
+        return t
+    return t.to(dtype)
+

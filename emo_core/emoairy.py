@@ -1,0 +1,160 @@
+"""EmoAiry: Adafactor-type update at the emoPulse learning rate (SPEC §4).
+
+Tensors with two or more dims keep factored second moments (Shazeer & Stern 2018): a row
+statistic ``R`` (``[n0, 1, ...]``) and a column statistic ``C`` (``[1, *shape[1:]]``), with
+``v̂ = R·C / mean(R)``; smaller tensors keep a full ``v``. Bias correction uses the
+parameter's own step count ``k``; the update ``u = g / (√v̂ + eps)`` is clipped by RMS and
+applied as ``p ← p·(1 − wd·lr) − lr·u``. Matrices cost about 0 bytes of state per parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import Bucket, EmoOptimizer
+from ._validation import check_range
+
+__all__ = ["EmoAiry", "emoairy"]
+
+_TINY = 1e-30  # guards mean(R) of an all-zero gradient: v̂ = 0 rather than 0/0
+
+
+class EmoAiry(EmoOptimizer):
+    """Adafactor-type Emo optimizer: the lightest in memory.
+
+    Takes :class:`~emo_core.EmoSens`'s arguments with ``beta2`` and ``clip_threshold``
+    instead of ``betas`` (there is no first moment). Leave ``lr=1.0``.
+
+    Args:
+        params: parameters or param groups.
+        lr: pulse scale (default: 1.0).
+        beta2: decay of the (factored) second moment (default: 0.995).
+        eps: added to √v̂ (default: 1e-8).
+        clip_threshold: the update's RMS is clipped to this (default: 1.0).
+        weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
+        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``use_shadow``,
+            ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
+            ``stochastic_rounding``, ``foreach``, ``writer``, ``log_every``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        beta2: float = 0.995,
+        eps: float = 1e-8,
+        clip_threshold: float = 1.0,
+        weight_decay: float = 0.01,
+        *,
+        use_shadow: bool = False,
+        min_lr: float = 1e-6,
+        max_lr: float = 1e-3,
+        sync_loss: bool = True,
+        process_group: object | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool | None = None,
+        foreach: bool | None = None,
+        writer: Any | None = None,
+        log_every: int = 1,
+    ) -> None:
+        super().__init__(
+            params,
+            {"beta2": beta2, "eps": eps, "clip_threshold": clip_threshold},
+            lr=lr,
+            weight_decay=weight_decay,
+            use_shadow=use_shadow,
+            min_lr=min_lr,
+            max_lr=max_lr,
+            sync_loss=sync_loss,
+            process_group=process_group,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            foreach=foreach,
+            writer=writer,
+            log_every=log_every,
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        group["beta2"] = check_range("beta2", group["beta2"], 0.0, 1.0, high_inclusive=False)
+        group["eps"] = check_range("eps", group["eps"], 0.0, low_inclusive=False)
+        group["clip_threshold"] = check_range(
+            "clip_threshold", group["clip_threshold"], 0.0, low_inclusive=False
+        )
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if p.dim() >= 2:
+            state["row_var"] = p.new_zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dtype)
+            state["col_var"] = p.new_zeros((1,) + tuple(p.shape[1:]), dtype=dtype)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(
+                p, dtype=dtype, memory_format=torch.preserve_format
+            )
+
+    def _update(self, bucket: Bucket) -> None:
+        group = bucket.group
+        emoairy(
+            bucket,
+            beta2=group["beta2"],
+            eps=group["eps"],
+            clip_threshold=group["clip_threshold"],
+            weight_decay=group["weight_decay"],
+        )
+
+
+def emoairy(
+    bucket: Bucket, *, beta2: float, eps: float, clip_threshold: float, weight_decay: float
+) -> None:
+    """Functional EmoAiry update of one bucket.
+
+    The bucket's state lists line up with its params but hold different keys for factored
+    and full tensors, so the rule runs per tensor; ``foreach`` batches the shared parts.
+    """
+    lr = bucket.step_lr()
+    keep2 = bucket.decay(beta2)
+    grads = bucket.masked_grads()
+    increment = bucket.valid.to(torch.float32)
+    shrink = 1.0 - lr * weight_decay
+    if bucket.impl == "foreach":
+        torch._foreach_mul_(bucket.params, shrink)
+    updates = []
+    for index, (p, g) in enumerate(zip(bucket.params, grads)):
+        state = {
+            key: values[index]
+            for key, values in bucket.states.items()
+            if values[index] is not None
+        }
+        state["step"].add_(increment)
+        updates.append(
+            _adafactor_direction(g, state, keep2=keep2, beta2=beta2, eps=eps, clip=clip_threshold)
+        )
+        if bucket.impl != "foreach":
+            p.mul_(shrink)
+            p.sub_(updates[-1] * lr)
+    if bucket.impl == "foreach":
+        torch._foreach_mul_(updates, lr)
+        torch._foreach_sub_(bucket.params, updates)
+
+
+def _adafactor_direction(
+    g: Tensor, state: dict[str, Tensor], *, keep2: Tensor, beta2: float, eps: float, clip: float
+) -> Tensor:
+    """Advance the second-moment state by ``g`` and return the clipped update direction."""
+    square = g * g
+    if "row_var" in state:
+        row, col = state["row_var"], state["col_var"]
+        row.mul_(keep2).add_(square.mean(dim=tuple(range(1, g.dim())), keepdim=True), alpha=1 - beta2)
+        col.mul_(keep2).add_(square.mean(dim=0, keepdim=True), alpha=1 - beta2)
+        v_hat = row * col / row.mean().clamp(min=_TINY)
+    else:
+        v_hat = state["exp_avg_sq"].mul_(keep2).add_(square, alpha=1 - beta2).clone()
+    correction = 1.0 - beta2 ** state["step"].clamp(min=1.0)
+    v_hat.div_(correction.to(v_hat.dtype))
+    update = g / (v_hat.sqrt_() + eps)
+    rms = update.square().mean().sqrt()
+    return update.div_(torch.clamp(rms / clip, min=1.0))

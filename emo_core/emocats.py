@@ -1,0 +1,113 @@
+"""EmoCats: Lion-type sign update at the emoPulse learning rate (SPEC §4).
+
+``c = β1·m + (1−β1)·g``; ``p ← p·(1 − wd·lr) − lr·sign(c)``; ``m ← β2·m + (1−β2)·g``.
+One moment, 4 bytes of state per parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import Bucket, EmoOptimizer
+from ._validation import check_betas
+
+__all__ = ["EmoCats", "emocats"]
+
+
+class EmoCats(EmoOptimizer):
+    """Lion-type Emo optimizer: light (4 B/param) and accurate.
+
+    Takes the same arguments as :class:`~emo_core.EmoSens` without ``eps`` (a sign update
+    needs none) and without ``fused``. Leave ``lr=1.0``; the loss sets the learning rate.
+
+    Args:
+        params: parameters or param groups.
+        lr: pulse scale (default: 1.0).
+        betas: interpolation for the sign direction and the moment decay (default: (0.9, 0.995)).
+        weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
+        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``use_shadow``,
+            ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
+            ``stochastic_rounding``, ``foreach``, ``writer``, ``log_every``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.995),
+        weight_decay: float = 0.01,
+        *,
+        use_shadow: bool = False,
+        min_lr: float = 1e-6,
+        max_lr: float = 1e-3,
+        sync_loss: bool = True,
+        process_group: object | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool | None = None,
+        foreach: bool | None = None,
+        writer: Any | None = None,
+        log_every: int = 1,
+    ) -> None:
+        super().__init__(
+            params,
+            {"betas": betas},
+            lr=lr,
+            weight_decay=weight_decay,
+            use_shadow=use_shadow,
+            min_lr=min_lr,
+            max_lr=max_lr,
+            sync_loss=sync_loss,
+            process_group=process_group,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            foreach=foreach,
+            writer=writer,
+            log_every=log_every,
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        group["betas"] = check_betas("betas", group["betas"])
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _update(self, bucket: Bucket) -> None:
+        beta1, beta2 = bucket.group["betas"]
+        emocats(bucket, beta1=beta1, beta2=beta2, weight_decay=bucket.group["weight_decay"])
+
+
+def emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float) -> None:
+    """Functional EmoCats update of one bucket, dispatching to the chosen kernel."""
+    kernel = _foreach_emocats if bucket.impl == "foreach" else _single_tensor_emocats
+    kernel(bucket, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+
+
+def _single_tensor_emocats(
+    bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float
+) -> None:
+    lr = bucket.step_lr()
+    keep2 = bucket.decay(beta2)
+    shrink = 1.0 - lr * weight_decay
+    for p, g, m in zip(bucket.params, bucket.masked_grads(), bucket.states["exp_avg"]):
+        direction = torch.lerp(m, g, 1.0 - beta1).sign_()
+        p.mul_(shrink)
+        p.sub_(direction * lr)
+        m.mul_(keep2).add_(g, alpha=1.0 - beta2)
+
+
+def _foreach_emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float) -> None:
+    lr = bucket.step_lr()
+    grads = bucket.masked_grads()
+    exp_avgs = bucket.states["exp_avg"]
+    direction = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_sign_(direction)
+    torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
+    torch._foreach_mul_(direction, lr)
+    torch._foreach_sub_(bucket.params, direction)
+    torch._foreach_mul_(exp_avgs, bucket.decay(beta2))
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)

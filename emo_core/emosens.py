@@ -1,0 +1,210 @@
+"""EmoSens: Adam-type update at the emoPulse learning rate (SPEC §4).
+
+``m ← β1·m + (1−β1)·g``; ``v ← β2·v + (1−β2)·g²``; ``p ← p·(1 − wd·lr) − lr·m/(√v + eps)``,
+no bias correction. This is AdamW without bias correction at a tensor LR, so the default
+path on fp32 parameters is torch's fused AdamW kernel with a step count large enough that
+``1 − β^step`` is exactly 1, and the skipped-step flag passed as ``found_inf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import Bucket, EmoOptimizer
+from ._validation import as_bool, check_betas, check_range
+
+__all__ = ["EmoSens", "emosens"]
+
+# beta ** _NO_BIAS_CORRECTION_STEP underflows to 0 for every beta < 1 - 1e-30, so the fused
+# kernel's bias corrections (1 - beta ** step) are exactly 1.
+_NO_BIAS_CORRECTION_STEP = 1e38
+_FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+class EmoSens(EmoOptimizer):
+    """Adam-type Emo optimizer: accurate, 8 bytes of state per parameter.
+
+    Leave ``lr=1.0``: the learning rate comes from the training loss (emoPulse, between
+    ``min_lr`` and ``max_lr``). ``lr`` scales the pulse linearly ("emoScope"); per-group
+    ``lr`` values and LR schedulers act as multipliers on it. Feed the loss every step:
+    ``opt.step(loss=loss)``, ``opt.set_loss``/``add_loss``, or a closure that returns it.
+
+    Args:
+        params: parameters or param groups.
+        lr: pulse scale; 1.0 is the tested default (default: 1.0).
+        betas: first and second moment decay (default: (0.9, 0.995)).
+        eps: added to √v (default: 1e-8).
+        weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
+        use_shadow: keep a shadow copy that pulls parameters back on loss spikes (+4 B/param)
+            (default: False).
+        min_lr: lower clamp of the pulse (default: 1e-6).
+        max_lr: upper clamp of the pulse (default: 1e-3).
+        sync_loss: average the loss over ``process_group`` so every rank uses the same LR
+            (default: True).
+        process_group: group for ``sync_loss`` (default: None = WORLD).
+        state_dtype: dtype of the moments; None = fp32 for bf16/fp16 params (default: None).
+        stochastic_rounding: round bf16 parameter writes stochastically; None = on for bf16
+            (default: None).
+        foreach: None = fastest available (fused AdamW kernel on fp32 params, else
+            multi-tensor), True = multi-tensor, False = per-tensor loop (default: None).
+        fused: None = auto, True = require the fused kernel, False = never (default: None).
+        writer: object with ``add_scalar(tag, value, step)`` for TensorBoard logging
+            (default: None).
+        log_every: log to ``writer`` every this many steps (default: 1).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.995),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        use_shadow: bool = False,
+        min_lr: float = 1e-6,
+        max_lr: float = 1e-3,
+        sync_loss: bool = True,
+        process_group: object | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        writer: Any | None = None,
+        log_every: int = 1,
+    ) -> None:
+        self.fused = as_bool("fused", fused, allow_none=True)
+        if self.fused and foreach:
+            raise ValueError("Invalid foreach/fused: choose one of foreach=True and fused=True")
+        super().__init__(
+            params,
+            {"betas": betas, "eps": eps},
+            lr=lr,
+            weight_decay=weight_decay,
+            use_shadow=use_shadow,
+            min_lr=min_lr,
+            max_lr=max_lr,
+            sync_loss=sync_loss,
+            process_group=process_group,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            foreach=foreach,
+            writer=writer,
+            log_every=log_every,
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        group["betas"] = check_betas("betas", group["betas"])
+        group["eps"] = check_range("eps", group["eps"], 0.0, low_inclusive=False)
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(
+            p, dtype=dtype, memory_format=torch.preserve_format
+        )
+
+    def _pick_impl(self, params: list[Tensor], compute_dtype: torch.dtype) -> str:
+        fusable = (
+            all(p.dtype == compute_dtype == torch.float32 for p in params)
+            and params[0].device.type in _FUSED_DEVICES
+            and all(self.state[p]["exp_avg"].dtype == torch.float32 for p in params)
+            and not any(p.is_complex() for p in params)
+        )
+        if self.fused:
+            if not fusable:
+                raise RuntimeError(
+                    "EmoSens(fused=True) needs real fp32 parameters and state on a device with "
+                    "torch's fused AdamW kernel; use fused=None to fall back automatically"
+                )
+            return "fused"
+        if self.fused is None and self.foreach is None and fusable:
+            return "fused"
+        return super()._pick_impl(params, compute_dtype)
+
+    def _update(self, bucket: Bucket) -> None:
+        beta1, beta2 = bucket.group["betas"]
+        emosens(
+            bucket,
+            beta1=beta1,
+            beta2=beta2,
+            eps=bucket.group["eps"],
+            weight_decay=bucket.group["weight_decay"],
+        )
+
+
+def emosens(bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """Functional EmoSens update of one bucket, dispatching to the chosen kernel."""
+    kernel = {"fused": _fused_emosens, "foreach": _foreach_emosens, "single": _single_tensor_emosens}
+    kernel[bucket.impl](
+        bucket, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
+    )
+
+
+def _single_tensor_emosens(
+    bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
+) -> None:
+    lr = bucket.step_lr()
+    keep1, keep2 = bucket.decay(beta1), bucket.decay(beta2)
+    shrink = 1.0 - lr * weight_decay
+    for p, g, m, v in zip(
+        bucket.params, bucket.masked_grads(), bucket.states["exp_avg"], bucket.states["exp_avg_sq"]
+    ):
+        m.mul_(keep1).add_(g, alpha=1.0 - beta1)
+        v.mul_(keep2).addcmul_(g, g, value=1.0 - beta2)
+        p.mul_(shrink)
+        p.sub_(m / (v.sqrt() + eps) * lr)
+
+
+def _foreach_emosens(
+    bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
+) -> None:
+    lr = bucket.step_lr()
+    grads = bucket.masked_grads()
+    exp_avgs, exp_avg_sqs = bucket.states["exp_avg"], bucket.states["exp_avg_sq"]
+    torch._foreach_mul_(exp_avgs, bucket.decay(beta1))
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, bucket.decay(beta2))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    step = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(step, lr)
+    torch._foreach_sub_(bucket.params, step)
+
+
+_step_tensors: dict[torch.device, Tensor] = {}
+
+
+def _fused_emosens(
+    bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
+) -> None:
+    device = bucket.params[0].device
+    if device not in _step_tensors:
+        _step_tensors[device] = torch.tensor(
+            _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device
+        )
+    steps = [_step_tensors[device]] * len(bucket.params)
+    found_inf = (~bucket.valid).to(torch.float32)
+    torch._fused_adamw_(
+        bucket.params,
+        bucket.grads,
+        bucket.states["exp_avg"],
+        bucket.states["exp_avg_sq"],
+        [],
+        steps,
+        lr=bucket.lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+        grad_scale=None,
+        found_inf=found_inf,
+    )
