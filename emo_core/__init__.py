@@ -4,10 +4,23 @@ Feed the training loss every step (``opt.step(loss=loss)``, ``opt.set_loss``/``a
 a closure) and leave ``lr=1.0``: the learning rate (emoPulse) follows the loss. See SPEC.md.
 """
 
+from ._base import EmoOptimizer
+from .adapters import is_emo_optimizer, log_metrics, unwrap
 from .emoairy import EmoAiry
 from .emocats import EmoCats
 from .emosens import EmoSens
 from .registry import OPTIMIZERS, get_optimizer
 
-__all__ = ["OPTIMIZERS", "EmoAiry", "EmoCats", "EmoSens", "__version__", "get_optimizer"]
+__all__ = [
+    "OPTIMIZERS",
+    "EmoAiry",
+    "EmoCats",
+    "EmoOptimizer",
+    "EmoSens",
+    "__version__",
+    "get_optimizer",
+    "is_emo_optimizer",
+    "log_metrics",
+    "unwrap",
+]
 __version__ = "0.1.0"

@@ -464,13 +464,10 @@ class EmoOptimizer(Optimizer):
         }
 
     def _log(self, step: int) -> None:
-        values = self.telemetry()
-        lrs = self.get_effective_lr()
-        self.writer.add_scalar("emo/lr", lrs[0], step)
-        for index, value in enumerate(lrs[1:], start=1):
-            self.writer.add_scalar(f"emo/lr_group{index}", value, step)
-        for key in ("scalar", "trust", "noise"):
-            self.writer.add_scalar(f"emo/{key}", values[key], step)
+        from .adapters import log_metrics  # adapters imports this module
+
+        for tag, value in log_metrics(self).items():
+            self.writer.add_scalar(tag, value, step)
 
     # ------------------------------------------------------------------ resume
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
