@@ -437,8 +437,10 @@ class EmoOptimizer(Optimizer):
         return bool(self._sensor["stop"])
 
     def reset_stop(self) -> None:
-        """Clear the early-stop signal."""
-        self._sensor["stop"] = torch.zeros_like(self._sensor["stop"])
+        """Clear the early-stop signal; it needs a fresh window of calm steps to rise again."""
+        sensor = self._sensor
+        sensor["stop"] = torch.zeros_like(sensor["stop"])
+        sensor["hist_count"] = torch.zeros_like(sensor["hist_count"])
 
     def get_effective_lr(self) -> list[float]:
         """The effective learning rate of each param group at the last step. Syncs."""

@@ -1,0 +1,53 @@
+"""Test data shared by the core tests: optimizers, implementations, models, loss traces."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from emo_core import EmoAiry, EmoCats, EmoSens
+
+OPTIMIZERS = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
+NAMES = tuple(OPTIMIZERS)
+IMPLS = {
+    "emosens": ({"foreach": False}, {"foreach": True}, {"fused": True}),
+    "emoairy": ({"foreach": False}, {"foreach": True}),
+    "emocats": ({"foreach": False}, {"foreach": True}),
+}
+ALL_IMPLS = [(name, impl) for name in NAMES for impl in IMPLS[name]]
+
+
+def impl_id(case: tuple[str, dict]) -> str:
+    name, impl = case
+    return f"{name}-" + ("-".join(f"{k}={v}" for k, v in impl.items()) or "default")
+
+
+def scripted_losses(steps: int) -> list[float]:
+    """Falls, spikes, goes negative and keeps falling: exercises every sensor branch."""
+    losses = []
+    for t in range(steps):
+        value = 2.0 * math.exp(-t / 15) - 0.5 + 0.05 * math.sin(t)
+        if t in (12, 30):
+            value += 10.0  # spikes
+        losses.append(value)
+    return losses
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    """A few tensors of different ranks: matrix, vector, conv kernel, scalar."""
+    torch.manual_seed(seed)
+    return nn.ModuleDict(
+        {
+            "lin": nn.Linear(6, 5),
+            "conv": nn.Conv1d(2, 3, 3),
+            "out": nn.Linear(5, 1, bias=False),
+        }
+    ).train()
+
+
+def set_random_grads(params: list[torch.Tensor], step: int, scale: float = 1.0) -> None:
+    gen = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale
