@@ -327,6 +327,7 @@ class EmoOptimizer(Optimizer):
         for index, p in params:
             buckets.setdefault((p.device, p.dtype), []).append((index, p))
         for (device, dtype), members in buckets.items():
+            dtype = dtype.to_real()  # complex parameters are updated as pairs of reals
             compute_dtype = default_state_dtype(dtype, self.state_dtype)
             if compute_dtype in LOW_PRECISION:
                 compute_dtype = torch.float32  # state may be stored low, math is fp32
