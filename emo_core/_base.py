@@ -154,9 +154,7 @@ class EmoOptimizer(Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate (and normalise in place) one param group's hyperparameters."""
         group["lr"] = (
-            group["lr"]
-            if isinstance(group["lr"], Tensor)
-            else check_range("lr", group["lr"], 0.0)
+            group["lr"] if isinstance(group["lr"], Tensor) else check_range("lr", group["lr"], 0.0)
         )
         group["scope"] = check_range("scope", group["scope"], 0.0, low_inclusive=False)
         group["weight_decay"] = check_range("weight_decay", group["weight_decay"], 0.0)
@@ -495,7 +493,9 @@ class EmoOptimizer(Optimizer):
         else:
             fresh = init_sensor_state(device, self.max_lr)
             self.state[SENSOR_STATE_KEY] = {
-                key: sensor.get(key, fresh[key]).detach().to(
+                key: sensor.get(key, fresh[key])
+                .detach()
+                .to(
                     device=device,
                     dtype=fresh[key].dtype if fresh[key].is_floating_point() else None,
                     copy=True,
@@ -525,4 +525,3 @@ def _to_compute(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if t is None:
         return t
     return t.to(dtype)
-

@@ -125,9 +125,7 @@ def emoairy(
     updates = []
     for index, (p, g) in enumerate(zip(bucket.params, grads)):
         state = {
-            key: values[index]
-            for key, values in bucket.states.items()
-            if values[index] is not None
+            key: values[index] for key, values in bucket.states.items() if values[index] is not None
         }
         state["step"].add_(increment)
         updates.append(
@@ -148,7 +146,9 @@ def _adafactor_direction(
     square = g * g
     if "row_var" in state:
         row, col = state["row_var"], state["col_var"]
-        row.mul_(keep2).add_(square.mean(dim=tuple(range(1, g.dim())), keepdim=True), alpha=1 - beta2)
+        row.mul_(keep2).add_(
+            square.mean(dim=tuple(range(1, g.dim())), keepdim=True), alpha=1 - beta2
+        )
         col.mul_(keep2).add_(square.mean(dim=0, keepdim=True), alpha=1 - beta2)
         v_hat = row * col / row.mean().clamp(min=_TINY)
     else:

@@ -104,9 +104,7 @@ class EmoSens(EmoOptimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(
-            p, dtype=dtype, memory_format=torch.preserve_format
-        )
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _pick_impl(self, params: list[Tensor], compute_dtype: torch.dtype) -> str:
         fusable = (
@@ -139,10 +137,12 @@ class EmoSens(EmoOptimizer):
 
 def emosens(bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """Functional EmoSens update of one bucket, dispatching to the chosen kernel."""
-    kernel = {"fused": _fused_emosens, "foreach": _foreach_emosens, "single": _single_tensor_emosens}
-    kernel[bucket.impl](
-        bucket, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
-    )
+    kernel = {
+        "fused": _fused_emosens,
+        "foreach": _foreach_emosens,
+        "single": _single_tensor_emosens,
+    }
+    kernel[bucket.impl](bucket, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
 
 def _single_tensor_emosens(

@@ -18,11 +18,19 @@ from tests.core.cases import NAMES, OPTIMIZERS, scripted_losses, set_random_grad
 BAD_ARGS = [
     (EmoSens, {"lr": 0.0}, r"Invalid lr: 0.0 \(expected 0.0 < lr\)"),
     (EmoSens, {"lr": -1}, r"Invalid lr"),
-    (EmoSens, {"betas": (1.0, 0.9)}, r"Invalid betas\[0\]: 1.0 \(expected 0.0 <= betas\[0\] < 1.0\)"),
+    (
+        EmoSens,
+        {"betas": (1.0, 0.9)},
+        r"Invalid betas\[0\]: 1.0 \(expected 0.0 <= betas\[0\] < 1.0\)",
+    ),
     (EmoSens, {"betas": (0.9, -0.1)}, r"Invalid betas\[1\]"),
     (EmoSens, {"betas": 0.9}, r"Invalid betas: 0.9 \(expected a pair"),
     (EmoSens, {"eps": 0.0}, r"Invalid eps: 0.0 \(expected 0.0 < eps\)"),
-    (EmoSens, {"weight_decay": -0.1}, r"Invalid weight_decay: -0.1 \(expected 0.0 <= weight_decay\)"),
+    (
+        EmoSens,
+        {"weight_decay": -0.1},
+        r"Invalid weight_decay: -0.1 \(expected 0.0 <= weight_decay\)",
+    ),
     (EmoSens, {"min_lr": 0.0}, r"Invalid min_lr"),
     (EmoSens, {"min_lr": 1e-2, "max_lr": 1e-3}, r"Invalid min_lr/max_lr.*0 < min_lr <= max_lr"),
     (EmoSens, {"log_every": 0}, r"Invalid log_every: 0 \(expected log_every >= 1\)"),
@@ -204,7 +212,7 @@ def test_lambda_lr_halving_halves_the_effective_lr() -> None:
     p = torch.zeros(2, requires_grad=True)
     opt = EmoSens([p])
     twin = EmoSens([torch.zeros(2, requires_grad=True)])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     for step, loss in enumerate(scripted_losses(4)):
         for q in (p, twin.param_groups[0]["params"][0]):
             q.grad = torch.zeros(2)
@@ -233,7 +241,9 @@ def test_sparse_gradients_are_rejected_and_change_nothing(name: str) -> None:
     dense.grad = torch.ones(2)
     emb(torch.tensor([1])).sum().backward()
     before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(RuntimeError, match=r"sparse gradients \(param group 1, parameter index 0\)"):
+    with pytest.raises(
+        RuntimeError, match=r"sparse gradients \(param group 1, parameter index 0\)"
+    ):
         opt.step(loss=1.0)
     assert torch.equal(dense, torch.ones(2))
     _assert_same(opt.state_dict(), before)
@@ -254,9 +264,13 @@ def test_complex_parameters_update_as_pairs_of_reals(name: str) -> None:
 
 # ------------------------------------------------------------------- safety
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("impl", [{}, {"foreach": True}, {"foreach": False}], ids=["auto", "foreach", "loop"])
+@pytest.mark.parametrize(
+    "impl", [{}, {"foreach": True}, {"foreach": False}], ids=["auto", "foreach", "loop"]
+)
 @pytest.mark.parametrize("bad", ["nan_loss", "inf_loss", "nan_grad", "inf_grad"])
-def test_non_finite_step_changes_nothing_and_training_continues(name: str, impl: dict, bad: str) -> None:
+def test_non_finite_step_changes_nothing_and_training_continues(
+    name: str, impl: dict, bad: str
+) -> None:
     model = small_model()
     params = list(model.parameters())
     opt = OPTIMIZERS[name](params, use_shadow=True, **impl)
@@ -381,8 +395,10 @@ def _assert_same(a, b) -> None:
     """Bitwise equality of nested state (tensors compared with torch.equal)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
-            a.nan_to_num(), b.nan_to_num()
+        assert (
+            torch.equal(a, b)
+            or (a.isnan() == b.isnan()).all()
+            and torch.equal(a.nan_to_num(), b.nan_to_num())
         )
     elif isinstance(a, dict):
         assert a.keys() == b.keys()

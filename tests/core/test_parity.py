@@ -38,7 +38,9 @@ def test_matches_reference_for_50_steps(case: tuple[str, dict], use_shadow: bool
 def test_all_implementations_agree(name: str) -> None:
     """foreach and per-tensor loops (and EmoSens's fused kernel) give the same parameters."""
     runs = []
-    for impl in [{"foreach": False}, {"foreach": True}] + ([{"fused": True}] if name == "emosens" else []):
+    for impl in [{"foreach": False}, {"foreach": True}] + (
+        [{"fused": True}] if name == "emosens" else []
+    ):
         params, _ = _twins(seed=3)
         opt = OPTIMIZERS[name](params, use_shadow=True, **impl)
         for step, loss in enumerate(scripted_losses(30)):

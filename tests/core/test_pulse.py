@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -58,7 +57,10 @@ def test_spec_vectors(trace: str) -> None:
         got = opt.telemetry()
         assert got["sensed_steps"] == expected["t"]
         for key, ours in KEYS.items():
-            assert got[ours] == pytest.approx(expected[key], rel=1e-6, abs=1e-15), (key, expected["t"])
+            assert got[ours] == pytest.approx(expected[key], rel=1e-6, abs=1e-15), (
+                key,
+                expected["t"],
+            )
         assert opt.should_stop == expected["stop"], expected["t"]
 
 

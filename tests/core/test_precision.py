@@ -1,0 +1,108 @@
+"""Low precision (SPEC §5): fp32 state for bf16 params, stochastic rounding, resume."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from emo_core.precision import copy_stochastic_
+from tests.core.cases import NAMES, OPTIMIZERS, scripted_losses, set_random_grads
+
+FIXED_LR = {"min_lr": 5e-4, "max_lr": 5e-4}  # pin the pulse: these tests are about rounding
+
+
+def _pull_towards(name: str, dtype: torch.dtype, steps: int, **kwargs) -> torch.Tensor:
+    """Minimise 0.5 * ||p - 0.5||² from p = 1. Each update (at most ~3 * 5e-4) is below
+    bf16's half-spacing just below 1.0 (2**-9): round-to-nearest throws every update away."""
+    p = torch.ones(2048, dtype=dtype, requires_grad=True)
+    opt = OPTIMIZERS[name]([p], weight_decay=0.0, **FIXED_LR, **kwargs)
+    for _ in range(steps):
+        p.grad = (p.detach().float() - 0.5).to(dtype)
+        opt.step(loss=1.0)
+    return p.detach().float()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stochastic_rounding_keeps_learning_where_bf16_stalls(name: str) -> None:
+    steps = 200
+    fp32 = _pull_towards(name, torch.float32, steps).mean()
+    nearest = _pull_towards(name, torch.bfloat16, steps, stochastic_rounding=False).mean()
+    stochastic = _pull_towards(name, torch.bfloat16, steps).mean()  # default for bf16
+    assert fp32 < 0.95  # the fp32 run moved
+    assert nearest == 1.0  # every update rounded away
+    assert float((stochastic - fp32).abs() / (1.0 - fp32)) < 0.02  # within 2% of the move
+
+
+def test_copy_stochastic_is_unbiased_and_exact_on_representable_values() -> None:
+    gen = torch.Generator().manual_seed(0)
+    source = torch.full((200_000,), 1.0 + 2**-9)  # a quarter of the way to the next bf16
+    target = torch.empty_like(source, dtype=torch.bfloat16)
+    copy_stochastic_(target, source, gen)
+    assert set(target.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert float(target.float().mean()) == pytest.approx(1.0 + 2**-9, rel=1e-4)
+    exact = torch.tensor([1.0, -2.5, 0.0, float("inf")])
+    out = torch.empty(4, dtype=torch.bfloat16)
+    copy_stochastic_(out, exact, gen)
+    assert torch.equal(out.float(), exact)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_params_keep_fp32_state_also_after_load(name: str) -> None:
+    p = torch.randn(8, 4, dtype=torch.bfloat16, requires_grad=True)
+    opt = OPTIMIZERS[name]([p])
+    p.grad = torch.randn_like(p)
+    opt.step(loss=1.0)
+    floating = {k: v.dtype for k, v in opt.state[p].items() if k != "step"}
+    assert set(floating.values()) == {torch.float32}, floating
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = OPTIMIZERS[name]([p])
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert {k: v.dtype for k, v in fresh.state[p].items() if k != "step"} == floating
+    assert p.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_state_dtype_stores_bf16_and_still_learns(name: str) -> None:
+    p = torch.ones(4096, requires_grad=True)
+    opt = OPTIMIZERS[name]([p], state_dtype=torch.bfloat16, weight_decay=0.0, **FIXED_LR)
+    for _ in range(50):
+        p.grad = p.detach() - 0.5
+        opt.step(loss=1.0)
+    assert {v.dtype for k, v in opt.state[p].items() if k != "step"} == {torch.bfloat16}
+    assert float(p.detach().mean()) < 0.99
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_stochastic_rounding_resume_is_reproducible(name: str) -> None:
+    def fresh() -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(16, 8, generator=gen).bfloat16().requires_grad_() for _ in range(2)]
+        return params, OPTIMIZERS[name](params, use_shadow=True)
+
+    def train(params, opt, steps: range) -> None:
+        losses = scripted_losses(steps.stop)
+        for step in steps:
+            set_random_grads(params, step)
+            opt.step(loss=losses[step])
+
+    ref_params, ref_opt = fresh()
+    train(ref_params, ref_opt, range(20))
+    params, opt = fresh()
+    opt.state["emo_meta"]["seed"] = ref_opt.state["emo_meta"]["seed"]  # same seed
+    train(params, opt, range(10))
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_params, resumed_opt = fresh()
+    with torch.no_grad():
+        for p, value in zip(resumed_params, saved["params"]):
+            p.copy_(value)
+    resumed_opt.load_state_dict(saved["opt"])
+    train(resumed_params, resumed_opt, range(10, 20))
+    for a, b in zip(resumed_params, ref_params):
+        assert torch.equal(a, b)
