@@ -1,0 +1,144 @@
+"""``EmoTrainingArguments``: ``TrainingArguments`` whose ``optim`` also takes the Emo names.
+
+``TrainingArguments.__post_init__`` converts ``optim`` to the ``OptimizerNames`` enum, and
+``HfArgumentParser`` offers only the enum's values on the command line. This subclass
+declares ``optim`` as a string with every native name plus ``emosens``/``emoairy``/
+``emocats`` as choices, validates it, and hands the parent a native placeholder while it
+runs, so the enum itself is never touched. ``learning_rate`` defaults to 1.0 for the Emo
+optimizers (it multiplies emoPulse; the LR scheduler scales it per SPEC §3) and to
+transformers' 5e-5 otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from emo_core import OPTIMIZERS, get_optimizer
+from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from .optim_args import parse_optim_args
+
+__all__ = ["EMO_OPTIM_NAMES", "EmoTrainingArguments", "canonical_optim_name", "emo_optim_name"]
+
+logger = logging.getLogger(__name__)
+
+EMO_OPTIM_NAMES: tuple[str, ...] = tuple(sorted(OPTIMIZERS))
+_NATIVE_OPTIM_NAMES: tuple[str, ...] = tuple(o.value for o in OptimizerNames)
+_ALL_OPTIM_NAMES: tuple[str, ...] = EMO_OPTIM_NAMES + _NATIVE_OPTIM_NAMES
+_DEFAULT_OPTIM: str = getattr(TrainingArguments, "default_optim", "adamw_torch")
+_NATIVE_DEFAULT_LR: float = TrainingArguments.__dataclass_fields__["learning_rate"].default
+_EMO_DEFAULT_LR = 1.0
+
+
+def canonical_optim_name(name: str | OptimizerNames) -> str:
+    """The lower-case optimizer name; ``ValueError`` listing every valid name otherwise."""
+    text = name.value if isinstance(name, OptimizerNames) else name
+    key = text.strip().lower() if isinstance(text, str) else text
+    if key not in _ALL_OPTIM_NAMES:
+        raise ValueError(
+            f"Invalid optim: {name!r}. Emo optimizers: {', '.join(EMO_OPTIM_NAMES)}; "
+            f"transformers optimizers: {', '.join(_NATIVE_OPTIM_NAMES)}"
+        )
+    return key
+
+
+def emo_optim_name(args: Any) -> str | None:
+    """The Emo optimizer named by ``args.optim``, or None for a transformers optimizer."""
+    optim = getattr(args, "optim", None)
+    text = optim.value if isinstance(optim, OptimizerNames) else optim
+    key = text.lower() if isinstance(text, str) else None
+    return key if key in OPTIMIZERS else None
+
+
+@dataclass
+class EmoTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the Emo optimizers (``optim="emosens"`` etc.).
+
+    Emo hyperparameters come from ``optim_args`` (``"use_shadow=True,betas=(0.9,0.99)"``),
+    checked against the optimizer's signature; ``weight_decay`` and the decay/no-decay
+    parameter groups work as for AdamW, and ``adam_*`` fields are ignored. Leave
+    ``learning_rate`` unset: emoPulse picks the LR, and the scheduler
+    (``lr_scheduler_type``, warmup) multiplies it. ``emo_stop_on_signal=True`` ends training
+    when the optimizer's early-stop signal rises (checked every ``logging_steps``).
+    """
+
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Initial learning rate. Default: 1.0 for emosens/emoairy/emocats (a multiplier "
+            f"of the automatic emoPulse LR), {_NATIVE_DEFAULT_LR} for transformers optimizers."
+        },
+    )
+    optim: str = field(
+        default=_DEFAULT_OPTIM,
+        metadata={
+            "help": "The optimizer: emosens, emoairy, emocats (loss-driven, no LR to tune) or "
+            "any transformers `OptimizerNames` value.",
+            "choices": list(_ALL_OPTIM_NAMES),
+        },
+    )
+    emo_stop_on_signal: bool = field(
+        default=False,
+        metadata={
+            "help": "Stop training when the Emo optimizer signals that the loss has settled "
+            "(checked every logging_steps)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        name = canonical_optim_name(self.optim)
+        emo = name in OPTIMIZERS
+        self.learning_rate = self._resolve_learning_rate(self.learning_rate, name)
+        if not emo:
+            self.optim = name
+            super().__post_init__()
+            return
+        parse_optim_args(self.optim_args, get_optimizer(name))  # fail early, naming the key
+        self.optim = _DEFAULT_OPTIM  # the parent converts optim to its enum
+        try:
+            super().__post_init__()
+        finally:
+            self.optim = name
+
+    def set_optimizer(
+        self,
+        name: str | OptimizerNames = "adamw_torch",
+        learning_rate: float | None = None,
+        **kwargs: Any,
+    ) -> EmoTrainingArguments:
+        """Like ``TrainingArguments.set_optimizer``, also for Emo names (lr default 1.0)."""
+        canonical = canonical_optim_name(name)
+        emo = canonical in OPTIMIZERS
+        learning_rate = self._resolve_learning_rate(learning_rate, canonical)
+        placeholder = _DEFAULT_OPTIM if emo else canonical
+        super().set_optimizer(name=placeholder, learning_rate=learning_rate, **kwargs)
+        self.optim = canonical if emo else OptimizerNames(canonical)
+        if emo:
+            parse_optim_args(self.optim_args, get_optimizer(canonical))
+        return self
+
+    @staticmethod
+    def _resolve_learning_rate(learning_rate: float | None, name: str) -> float:
+        if name not in OPTIMIZERS:
+            return _NATIVE_DEFAULT_LR if learning_rate is None else learning_rate
+        if learning_rate is None:
+            logger.info(
+                "optim=%s: learning_rate not set, using %s. emoPulse sets the learning rate "
+                "from the loss; learning_rate and the LR scheduler multiply it.",
+                name,
+                _EMO_DEFAULT_LR,
+            )
+            return _EMO_DEFAULT_LR
+        if learning_rate < 0.1:
+            logger.warning(
+                "optim=%s with learning_rate=%s: for Emo optimizers learning_rate multiplies the "
+                "automatic LR (1.0 is the tested default), so %s makes steps tiny. Leave it "
+                "unset unless you mean to scale emoPulse down.",
+                name,
+                learning_rate,
+                learning_rate,
+            )
+        return learning_rate
