@@ -1,0 +1,6 @@
+"""Lightning adapter for the Emo optimizers: return one from ``configure_optimizers`` and add
+``EmoCallback()`` to the trainer's callbacks; the callback feeds the loss every step."""
+
+from .callback import EmoCallback
+
+__all__ = ["EmoCallback"]

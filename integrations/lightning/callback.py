@@ -1,0 +1,175 @@
+"""``EmoCallback``: feed the training loss to Emo optimizers under ``lightning.Trainer``.
+
+An Emo optimizer needs one loss per optimizer step. In automatic optimization Lightning
+divides each micro-batch loss by ``accumulate_grad_batches`` and, under ``16-mixed``,
+multiplies it by the GradScaler's scale before backward; the optimizer's closure only sees
+the last micro-batch, and the GradScaler calls ``step()`` without a closure at all. The
+callback reads every micro-batch loss in ``on_before_backward`` (the last public hook before
+the step), undoes both factors, and hands it to the optimizer's own accumulator
+(``set_loss`` for the first micro-batch of an accumulation window, ``add_loss`` after it),
+so the step senses the mean micro-batch loss in the user's units.
+
+A step the GradScaler skips (non-finite gradients) never reaches ``step()``; like the
+core's own skipped steps it leaves the loss sensor as it was, and ``set_loss`` at the next
+window's start drops its loss, so nothing leaks into the next step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+import emo_core
+import lightning.pytorch as pl
+from emo_core import EmoOptimizer, unwrap
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+__all__ = ["EmoCallback"]
+
+_NO_EMO_WARNING = (
+    "EmoCallback is attached but no optimizer returned by configure_optimizers() is an Emo "
+    "optimizer (EmoSens, EmoAiry, EmoCats); the callback does nothing. Return one from "
+    "configure_optimizers() or remove the callback."
+)
+
+
+class EmoCallback(Callback):
+    """Feeds each step's loss to the Emo optimizer, logs its LR, surfaces its stop signal.
+
+    Automatic optimization: nothing else to do. The optimizer senses the mean micro-batch
+    loss of each step (``accumulate_grad_batches`` and the AMP GradScaler undone), for
+    every precision. Manual optimization (e.g. GANs with several optimizers): the callback
+    cannot know which loss belongs to which optimizer, so pass it yourself,
+    ``opt.step(loss=loss)``; the callback still logs and watches the stop signal.
+
+    Logged through the trainer's loggers at ``log_every_n_steps``: ``emo/lr`` (effective LR,
+    ``emo/lr_group1``... for further groups), ``emo/scalar``, ``emo/trust``, ``emo/noise``,
+    ``emo/pulse``, ``emo/skipped_steps``; with several Emo optimizers the prefix is
+    ``emo/opt{index}/``. ``LearningRateMonitor`` shows ``group["lr"]``, which for an Emo
+    optimizer is the multiplier (1.0 by default); ``emo/lr`` is the rate actually applied.
+
+    Args:
+        stop_on_signal: end ``fit`` (``trainer.should_stop``) once every Emo optimizer's
+            ``should_stop`` is set, i.e. the loss has settled. Checked when logs are written
+            and at epoch ends, since reading the signal syncs with the device
+            (default: False).
+        log_metrics: log the ``emo/*`` metrics (default: True).
+    """
+
+    def __init__(self, stop_on_signal: bool = False, log_metrics: bool = True) -> None:
+        if not isinstance(stop_on_signal, bool):
+            raise ValueError(f"Invalid stop_on_signal: {stop_on_signal!r} (expected True or False)")
+        if not isinstance(log_metrics, bool):
+            raise ValueError(f"Invalid log_metrics: {log_metrics!r} (expected True or False)")
+        self.stop_on_signal = stop_on_signal
+        self.log_metrics = log_metrics
+        self._warned_no_emo = False
+        self._window_start = True
+        self._last_step = -1
+
+    # ----------------------------------------------------------------- set-up
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _emo_optimizers(trainer) and not self._warned_no_emo:
+            self._warned_no_emo = True
+            rank_zero_warn(_NO_EMO_WARNING)
+        self._window_start = True
+        self._last_step = trainer.global_step
+
+    # -------------------------------------------------------------- loss intake
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Same rule as Lightning's zero_grad: a window starts where batch_idx % N == 0.
+        self._window_start = batch_idx % trainer.accumulate_grad_batches == 0
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if not pl_module.automatic_optimization:
+            return  # manual: the user feeds each optimizer (opt.step(loss=loss))
+        emo = unwrap(trainer.optimizers[0]) if trainer.optimizers else None
+        if emo is None:
+            return
+        value = _user_loss(trainer, loss)
+        if self._window_start:
+            emo.set_loss(value)  # also drops the loss of a step the GradScaler skipped
+            self._window_start = False
+        else:
+            emo.add_loss(value)
+
+    # -------------------------------------------------------- logging, stopping
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_step == self._last_step:
+            return  # accumulating: no optimizer step in this batch
+        self._last_step = trainer.global_step
+        # The check LearningRateMonitor uses: True when this batch's logs will be written.
+        if not trainer._logger_connector.should_update_logs:
+            return
+        optimizers = _emo_optimizers(trainer)
+        if self.log_metrics and trainer.loggers:
+            for prefix, emo in _prefixed(optimizers):
+                pl_module.log_dict(
+                    emo_core.log_metrics(emo, prefix=prefix),
+                    on_step=True,
+                    on_epoch=False,
+                    logger=True,
+                )
+        self._check_stop(trainer, optimizers)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_stop(trainer, _emo_optimizers(trainer))
+
+    def _check_stop(self, trainer: pl.Trainer, optimizers: list[tuple[int, EmoOptimizer]]) -> None:
+        if not self.stop_on_signal or not optimizers or trainer.should_stop:
+            return
+        settled = all(emo.should_stop for _, emo in optimizers)
+        # Every rank senses the same all-reduced loss; reduce anyway, like EarlyStopping.
+        settled = trainer.strategy.reduce_boolean_decision(settled, all=False)
+        if settled:
+            trainer.should_stop = True
+            rank_zero_info(
+                f"EmoCallback: the training loss has settled (Emo should_stop) at global step "
+                f"{trainer.global_step}; stopping fit (stop_on_signal=True)."
+            )
+
+
+def _emo_optimizers(trainer: pl.Trainer) -> list[tuple[int, EmoOptimizer]]:
+    """(index in ``trainer.optimizers``, Emo optimizer) for every Emo optimizer."""
+    found = ((i, unwrap(opt)) for i, opt in enumerate(trainer.optimizers))
+    return [(i, emo) for i, emo in found if emo is not None]
+
+
+def _prefixed(optimizers: list[tuple[int, EmoOptimizer]]) -> list[tuple[str, EmoOptimizer]]:
+    if len(optimizers) == 1:
+        return [("emo/", optimizers[0][1])]
+    return [(f"emo/opt{i}/", emo) for i, emo in optimizers]
+
+
+def _user_loss(trainer: pl.Trainer, loss: Tensor) -> Tensor:
+    """The micro-batch loss as ``training_step`` returned it (fp32, detached, on device).
+
+    ``on_before_backward`` receives ``loss / accumulate_grad_batches``, times the
+    GradScaler's scale under ``16-mixed``. The scale is read as a tensor (``scale(1)``)
+    so that no value crosses to the host.
+    """
+    value = loss.detach().to(torch.float32)
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        value = value / scaler.scale(torch.ones((), device=value.device))
+    return value * trainer.accumulate_grad_batches

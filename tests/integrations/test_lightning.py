@@ -1,0 +1,366 @@
+"""EmoCallback under a real ``lightning.Trainer`` (tiny models, CPU).
+
+The loss an Emo optimizer sensed is checked through its sensor: a reference optimizer fed
+the expected per-step losses with ``step(loss=...)`` must end with the same EMAs, scalar,
+trust, noise, d, H and pulse. Any lost, extra, scaled or mis-averaged loss changes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from emo_lightning import EmoCallback  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
+
+from emo_core import EmoAiry, EmoCats, EmoSens  # noqa: E402
+
+SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest, and least disturbed by other jobs, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------- helpers
+def regression_data(n: int, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    return TensorDataset(x, x.sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g))
+
+
+class Regression(pl.LightningModule):
+    """8 -> 16 -> 1 MLP; records every micro-batch loss as ``training_step`` returns it."""
+
+    def __init__(self, optimizer: type = EmoSens, **optimizer_kwargs: Any) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.optimizer_cls = optimizer
+        self.optimizer_kwargs = optimizer_kwargs
+        self.recorded: list[tuple[int, int, float]] = []  # (epoch, batch_idx, loss)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.recorded.append((self.current_epoch, batch_idx, float(loss.detach())))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_cls(self.parameters(), **self.optimizer_kwargs)
+
+
+def make_trainer(**kwargs: Any) -> pl.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def window_means(recorded: list[tuple[int, int, float]], n: int) -> list[float]:
+    """Mean loss of each accumulation window (windows restart every epoch, like Lightning)."""
+    windows: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for epoch, batch_idx, loss in recorded:
+        windows[(epoch, batch_idx // n)].append(loss)
+    return [math.fsum(v) / len(v) for _, v in sorted(windows.items())]
+
+
+def reference_sensor(losses: list[float]) -> dict[str, float]:
+    """The sensor of a fresh Emo optimizer fed exactly ``losses``, one per step."""
+    p = nn.Parameter(torch.zeros(1))
+    ref = EmoSens([p])
+    for loss in losses:
+        p.grad = torch.zeros(1)
+        ref.step(loss=loss)
+    return ref.telemetry()
+
+
+def assert_sensed(opt: Any, losses: list[float], rtol: float = 1e-6) -> None:
+    got, want = opt.telemetry(), reference_sensor(losses)
+    assert got["sensed_steps"] == len(losses)
+    for key in SENSOR_KEYS:
+        assert got[key] == pytest.approx(want[key], rel=rtol, abs=1e-12), key
+
+
+def read_csv_metrics(logger: CSVLogger) -> list[dict[str, str]]:
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ loss intake
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_accumulation_feeds_mean_micro_batch_loss(precision: str) -> None:
+    # 10 batches per epoch, N = 4: windows of 4, 4 and a short one of 2.
+    n = 4
+    model = Regression()
+    trainer = make_trainer(
+        max_epochs=2, accumulate_grad_batches=n, precision=precision, callbacks=[EmoCallback()]
+    )
+    trainer.fit(model, DataLoader(regression_data(40), batch_size=4))
+    assert trainer.global_step == 6
+    assert_sensed(trainer.optimizers[0], window_means(model.recorded, n))
+
+
+def test_without_callback_the_closure_value_is_sensed() -> None:
+    # The documented fallback: the closure returns the last micro-batch's loss / N.
+    n = 2
+    model = Regression()
+    trainer = make_trainer(max_epochs=1, accumulate_grad_batches=n)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*received no loss")
+        trainer.fit(model, DataLoader(regression_data(24), batch_size=4))
+    last_of_window = [loss / n for _, batch_idx, loss in model.recorded if batch_idx % n == n - 1]
+    assert_sensed(trainer.optimizers[0], last_of_window)
+    with pytest.raises(AssertionError):  # and that is not the accumulation-correct loss
+        assert_sensed(trainer.optimizers[0], window_means(model.recorded, n))
+
+
+class ForcedOverflow(Regression):
+    """Puts an inf into a gradient in the given accumulation windows (GradScaler skips)."""
+
+    def __init__(self, n: int, windows_per_epoch: int, overflow: set[int]) -> None:
+        super().__init__()
+        self.n, self.windows_per_epoch, self.overflow = n, windows_per_epoch, overflow
+        self.batch_idx = 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_after_backward(self) -> None:
+        window = self.current_epoch * self.windows_per_epoch + self.batch_idx // self.n
+        if window in self.overflow:
+            self.net[0].weight.grad.view(-1)[0] = float("inf")
+
+
+def test_16_mixed_grad_scaler_skips_lose_and_double_count_nothing() -> None:
+    # 16-mixed on CPU needs the plugin spelled out (Trainer(precision="16-mixed") falls
+    # back to bf16 on CPU). A small initial scale, so that only the forced steps overflow.
+    n, per_epoch = 2, 4
+    overflow = {1, 3, 4}  # includes the last window of epoch 0 and the first of epoch 1
+    model = ForcedOverflow(n, per_epoch, overflow)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = make_trainer(
+        max_epochs=2, accumulate_grad_batches=n, plugins=[plugin], callbacks=[EmoCallback()]
+    )
+    trainer.fit(model, DataLoader(regression_data(32), batch_size=4))
+    opt = trainer.optimizers[0]
+    windows = window_means(model.recorded, n)
+    assert len(windows) == 2 * per_epoch == trainer.global_step
+    assert opt.telemetry()["step"] == len(windows) - len(overflow)  # the scaler skipped them
+    assert scaler.get_scale() == 256.0 / 2 ** len(overflow)  # and backed off its scale
+    assert_sensed(opt, [m for i, m in enumerate(windows) if i not in overflow])
+
+
+def test_16_mixed_without_callback_senses_nothing() -> None:
+    # GradScaler calls step() without the closure: without EmoCallback there is no loss.
+    model = Regression()
+    trainer = make_trainer(max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu")])
+    with pytest.warns(UserWarning, match="received no loss"):
+        trainer.fit(model, DataLoader(regression_data(16), batch_size=4))
+    assert trainer.optimizers[0].telemetry()["sensed_steps"] == 0
+
+
+# -------------------------------------------------- several optimizers, manual
+class TwoNets(pl.LightningModule):
+    """GAN-shaped manual optimization: two nets, two Emo optimizers, two losses."""
+
+    def __init__(self, feed: str) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.feed = feed
+        self.a = nn.Linear(8, 1)
+        self.b = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.recorded: dict[str, list[float]] = {"a": [], "b": []}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        for name, net, opt, target in (("a", self.a, opt_a, y), ("b", self.b, opt_b, -y)):
+            loss = nn.functional.mse_loss(net(x), target)
+            self.recorded[name].append(float(loss.detach()))
+            opt.zero_grad()
+            self.manual_backward(loss)
+            if self.feed == "step":
+                opt.step(loss=loss)  # the documented one-liner
+            elif self.feed == "set_loss":
+                opt.set_loss(loss)
+                opt.step()
+            else:  # the optimizer inside Lightning's wrapper
+                opt.optimizer.set_loss(loss)
+                opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [EmoSens(self.a.parameters()), EmoCats(self.b.parameters())]
+
+
+@pytest.mark.parametrize(
+    "feed",
+    [
+        "step",
+        "inner_set_loss",
+        pytest.param(
+            "set_loss",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="emo_core: set_loss()/add_loss() through LightningOptimizer set the "
+                "pending loss on the wrapper (its __getattr__ forwards reads, not writes)",
+            ),
+        ),
+    ],
+)
+def test_manual_optimization_each_optimizer_senses_its_own_loss(feed: str, tmp_path: Path) -> None:
+    model = TwoNets(feed)
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(
+        max_epochs=1, callbacks=[EmoCallback()], logger=logger, log_every_n_steps=1
+    )
+    trainer.fit(model, DataLoader(regression_data(24), batch_size=4))
+    opt_a, opt_b = trainer.optimizers
+    assert_sensed(opt_a, model.recorded["a"])
+    assert_sensed(opt_b, model.recorded["b"])
+    columns = read_csv_metrics(logger)[0].keys()
+    assert {"emo/opt0/lr", "emo/opt1/lr", "emo/opt0/trust", "emo/opt1/scalar"} <= columns
+
+
+# ---------------------------------------------------------------------- logging
+def test_logs_through_trainer_loggers_at_log_every_n_steps(tmp_path: Path) -> None:
+    every, n = 3, 2
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(
+        max_epochs=2,
+        accumulate_grad_batches=n,
+        logger=logger,
+        log_every_n_steps=every,
+        callbacks=[EmoCallback(), LearningRateMonitor(logging_interval="step")],
+    )
+    trainer.fit(Regression(), DataLoader(regression_data(48), batch_size=4))
+    rows = read_csv_metrics(logger)
+    for key in ("emo/lr", "emo/scalar", "emo/trust", "emo/noise", "emo/skipped_steps"):
+        assert key in rows[0], key
+    emo_rows = [r for r in rows if r["emo/lr"]]
+    monitor_rows = [r for r in rows if r["lr-EmoSens"]]
+    steps = [int(r["step"]) for r in emo_rows]
+    # Lightning's cadence: logs after every `every`-th optimizer step (step = steps - 1).
+    assert steps == [s - 1 for s in range(1, trainer.global_step + 1) if s % every == 0]
+    # LearningRateMonitor logs on every micro-batch of a logging step; same steps otherwise.
+    assert steps == sorted({int(r["step"]) for r in monitor_rows})
+    opt = trainer.optimizers[0]
+    assert steps[-1] == trainer.global_step - 1
+    assert float(emo_rows[-1]["emo/lr"]) == pytest.approx(opt.get_effective_lr()[0], rel=1e-6)
+    assert float(monitor_rows[-1]["lr-EmoSens"]) == 1.0  # group["lr"]: the multiplier
+    lrs = [float(r["emo/lr"]) for r in emo_rows]  # fp32 values within [min_lr, max_lr]
+    assert all(1e-6 * (1 - 1e-6) <= lr <= 1e-3 * (1 + 1e-6) for lr in lrs)
+    assert all(float(r["emo/skipped_steps"]) == 0.0 for r in emo_rows)
+
+
+# ----------------------------------------------------------------------- stopping
+class FlatLoss(pl.LightningModule):
+    """A constant loss: the sensor's scalar is 0, so the stop signal rises at its horizon."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return (self.w * 0.0).sum() + 1.0
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return EmoSens(self.parameters())
+
+
+@pytest.mark.parametrize("stop_on_signal", [True, False])
+def test_stop_on_signal_ends_fit_early(
+    stop_on_signal: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    batches = 160
+    trainer = make_trainer(
+        max_epochs=1, log_every_n_steps=10, callbacks=[EmoCallback(stop_on_signal=stop_on_signal)]
+    )
+    with caplog.at_level(logging.INFO):
+        trainer.fit(FlatLoss(), DataLoader(torch.zeros(batches, 1), batch_size=1))
+    opt = trainer.optimizers[0]
+    assert opt.should_stop  # the signal rose in both runs
+    if stop_on_signal:
+        assert trainer.global_step < batches
+        assert trainer.global_step % 10 == 0  # noticed at a logging step
+        assert "loss has settled" in caplog.text
+    else:
+        assert trainer.global_step == batches
+        assert "loss has settled" not in caplog.text
+
+
+# ------------------------------------------------------------------------- errors
+def test_callback_without_emo_optimizer_warns_once() -> None:
+    class Sgd(Regression):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    callback = EmoCallback(stop_on_signal=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            trainer = make_trainer(max_steps=2, callbacks=[callback], accumulate_grad_batches=2)
+            trainer.fit(Sgd(), DataLoader(regression_data(16), batch_size=4))
+    ours = [w for w in caught if "EmoCallback is attached" in str(w.message)]
+    assert len(ours) == 1
+    assert trainer.global_step == 2
+
+
+def test_invalid_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match=r"Invalid stop_on_signal: 'yes'"):
+        EmoCallback(stop_on_signal="yes")
+    with pytest.raises(ValueError, match=r"Invalid log_metrics: 1"):
+        EmoCallback(log_metrics=1)
+
+
+# ------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("optimizer", [EmoSens, EmoAiry, EmoCats])
+def test_resume_from_epoch_checkpoint_is_bitwise_exact(optimizer: type, tmp_path: Path) -> None:
+    data = regression_data(24)
+
+    def run(ckpt_path: str | None, seed: int, callbacks: list) -> pl.LightningModule:
+        torch.manual_seed(seed)
+        model = Regression(optimizer)
+        trainer = make_trainer(
+            max_epochs=3,
+            accumulate_grad_batches=2,
+            callbacks=[EmoCallback(), *callbacks],
+            enable_checkpointing=bool(callbacks),
+        )
+        trainer.fit(model, DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+        return model
+
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True
+    )
+    full = run(None, seed=0, callbacks=[checkpoint])
+    resumed = run(str(tmp_path / "epoch=0.ckpt"), seed=1, callbacks=[])
+    assert len(resumed.recorded) == 2 * len(full.recorded) // 3  # epochs 1 and 2 only
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    opt_full, opt_resumed = full.trainer.optimizers[0], resumed.trainer.optimizers[0]
+    assert opt_full.telemetry() == opt_resumed.telemetry()
