@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_loss_", "world_size"]
+__all__ = ["all_reduce_loss_", "local_shard", "world_size"]
 
 
 def world_size(process_group: object | None = None) -> int:
@@ -26,3 +26,9 @@ def all_reduce_loss_(loss: Tensor, process_group: object | None = None) -> Tenso
         dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=process_group)
         loss.div_(size)
     return loss
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's part of a DTensor (FSDP2 parameters, grads, state); other tensors as is."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
