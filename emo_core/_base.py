@@ -411,7 +411,10 @@ class EmoOptimizer(Optimizer):
         generator = None
         for p, work in zip(originals, work_params):
             target = _real(p)
-            if target is work or target.data_ptr() == work.data_ptr():
+            # Same dtype: ``work`` is the parameter itself (``.to`` returned it), already
+            # updated in place. Compared by dtype, not data_ptr(): a DTensor's data_ptr() is 0
+            # and torch.compile cannot trace data pointer comparisons.
+            if target.dtype == work.dtype:
                 continue
             if self._rounds_stochastically(p):
                 if generator is None:
@@ -422,7 +425,7 @@ class EmoOptimizer(Optimizer):
                 target.copy_(work)
         for key, stored in stored_states.items():
             for target, work in zip(stored, work_states[key]):
-                if target is not None and target.data_ptr() != work.data_ptr():
+                if target is not None and target.dtype != work.dtype:
                     target.copy_(work)
 
     def _rounds_stochastically(self, p: Tensor) -> bool:
