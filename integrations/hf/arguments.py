@@ -15,9 +15,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from emo_core import OPTIMIZERS, get_optimizer
+import torch
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
+
+from emo_core import OPTIMIZERS, get_optimizer
 
 from .optim_args import parse_optim_args
 
@@ -96,7 +98,7 @@ class EmoTrainingArguments(TrainingArguments):
             self.optim = name
             super().__post_init__()
             return
-        parse_optim_args(self.optim_args, get_optimizer(name))  # fail early, naming the key
+        self._check_emo_arguments(name)
         self.optim = _DEFAULT_OPTIM  # the parent converts optim to its enum
         try:
             super().__post_init__()
@@ -117,8 +119,15 @@ class EmoTrainingArguments(TrainingArguments):
         super().set_optimizer(name=placeholder, learning_rate=learning_rate, **kwargs)
         self.optim = canonical if emo else OptimizerNames(canonical)
         if emo:
-            parse_optim_args(self.optim_args, get_optimizer(canonical))
+            self._check_emo_arguments(canonical)
         return self
+
+    def _check_emo_arguments(self, name: str) -> None:
+        """Fail now, not at the first step: build the optimizer once on a dummy parameter."""
+        optimizer_cls = get_optimizer(name)
+        kwargs = parse_optim_args(self.optim_args, optimizer_cls)
+        dummy = [torch.nn.Parameter(torch.zeros(1))]
+        optimizer_cls(dummy, lr=self.learning_rate, weight_decay=self.weight_decay, **kwargs)
 
     @staticmethod
     def _resolve_learning_rate(learning_rate: float | None, name: str) -> float:

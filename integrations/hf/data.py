@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 import torch
 from torch.utils.data import Dataset
@@ -32,13 +33,15 @@ def build_byte_tokenizer() -> ByT5Tokenizer:
 def stdlib_text(max_chars: int | None = None, modules: tuple[str, ...] = STDLIB_MODULES) -> str:
     """Docstrings of ``modules`` and their public members, in a fixed order."""
     pieces: list[str] = []
-    for module_name in modules:
-        module = importlib.import_module(module_name)
-        pieces.append(inspect.getdoc(module) or "")
-        for name, member in vars(module).items():
-            if name.startswith("_") or getattr(member, "__module__", None) != module_name:
-                continue
-            pieces.append(inspect.getdoc(member) or "")
+    with warnings.catch_warnings():  # e.g. typing.io's DeprecationWarning on access
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for module_name in modules:
+            module = importlib.import_module(module_name)
+            pieces.append(inspect.getdoc(module) or "")
+            for name, member in vars(module).items():
+                if name.startswith("_") or getattr(member, "__module__", None) != module_name:
+                    continue
+                pieces.append(inspect.getdoc(member) or "")
     text = "\n\n".join(p for p in pieces if p)
     return text if max_chars is None else text[:max_chars]
 

@@ -3,7 +3,7 @@
     python -m emo_hf.train --optim emosens --output_dir out/emosens --max_steps 200
     python -m emo_hf.train --optim emocats --optim_args "use_shadow=True" --output_dir out/c
     python -m emo_hf.train configs/hf/emosens_lora.json --max_steps 50   # JSON, then overrides
-    torchrun --nproc_per_node 2 -m emo_hf.train configs/hf/emosens.json  # DDP (gloo on CPU)
+    torchrun --nproc_per_node 2 -m emo_hf.train configs/hf/emosens.json --use_cpu true  # DDP, gloo
 
 Every ``TrainingArguments`` flag works (``EmoTrainingArguments``), plus the model and data
 flags below. The model is a random-init ``LlamaConfig`` model (or a local
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,9 +30,11 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    TrainerCallback,
     default_data_collator,
     set_seed,
 )
+from transformers.training_args import ParallelMode
 
 from .arguments import EmoTrainingArguments
 from .data import build_byte_tokenizer, split_blocks, stdlib_text
@@ -126,9 +129,15 @@ def build_model(
     return model
 
 
-def main(argv: Sequence[str] | None = None) -> EmoTrainer:
-    """Run the CLI; returns the trainer (its ``state.log_history`` holds the curve)."""
+def main(
+    argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | None = None
+) -> EmoTrainer:
+    """Run the CLI; returns the trainer (its ``state.log_history`` holds the curve).
+
+    ``callbacks`` are passed to the trainer (for scripts that reuse this entry point).
+    """
     model_args, data_args, training_args = parse_args(argv)
+    _check_distributed(training_args)
     set_seed(training_args.seed)
     tokenizer = build_byte_tokenizer()
     text = stdlib_text(data_args.max_chars)
@@ -143,16 +152,32 @@ def main(argv: Sequence[str] | None = None) -> EmoTrainer:
         eval_dataset=eval_set if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         data_collator=default_data_collator,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     if trainer.is_world_process_zero():
-        curve = [(e["step"], e["loss"], e["learning_rate"]) for e in trainer.state.log_history if "loss" in e]
+        curve = [
+            (e["step"], e["loss"], e["learning_rate"])
+            for e in trainer.state.log_history
+            if "loss" in e
+        ]
         _print_curve(curve, training_args.optim)
         if data_args.plot and curve:
             path = _plot_curve(curve, training_args.optim, Path(training_args.output_dir))
             print(f"loss curve: {path}")
     return trainer
+
+
+def _check_distributed(training_args: EmoTrainingArguments) -> None:
+    """Refuse a multi-process launch that transformers would train as independent replicas."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise ValueError(
+            f"Launched as {world} processes, but transformers is not training distributed "
+            f"(parallel_mode={training_args.parallel_mode.value}), so each process would train "
+            "its own replica. Without a GPU pass --use_cpu true (DDP over gloo)."
+        )
 
 
 def _print_curve(curve: list[tuple[int, float, float]], optim: str) -> None:

@@ -27,9 +27,10 @@ import logging
 from typing import Any
 
 import torch
-from emo_core import get_optimizer, log_metrics, unwrap
 from torch import nn
 from transformers import Trainer
+
+from emo_core import get_optimizer, log_metrics, unwrap
 
 from .arguments import emo_optim_name
 from .optim_args import parse_optim_args
@@ -43,7 +44,9 @@ class EmoTrainerMixin:
     """Mix into any ``transformers.Trainer`` subclass: ``class T(EmoTrainerMixin, SFTTrainer)``."""
 
     @classmethod
-    def get_optimizer_cls_and_kwargs(cls, args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
+    def get_optimizer_cls_and_kwargs(
+        cls, args: Any, model: nn.Module | None = None
+    ) -> tuple[Any, Any]:
         """The Emo class and kwargs for ``args.optim``; transformers' choice for other names."""
         name = emo_optim_name(args)
         if name is None:

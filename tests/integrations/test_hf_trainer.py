@@ -11,12 +11,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from emo_core import EmoSens, unwrap  # noqa: E402
 from emo_hf import EmoTrainer, EmoTrainingArguments  # noqa: E402
 from emo_hf.data import build_byte_tokenizer, split_blocks, stdlib_text  # noqa: E402
 from emo_hf.train import ModelArguments, build_model  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+
+from emo_core import EmoSens, unwrap  # noqa: E402
 
 BLOCK = 32
 
@@ -159,9 +160,7 @@ def test_accumulated_loss_is_mean_of_returned_losses_with_short_last_window(tmp_
     """7 micro-batches per epoch with gradient_accumulation_steps=3: windows of 3, 3 and 1."""
     forward_log: list[float] = []
     spy = SensedLosses(forward_log)
-    args = emo_args(
-        tmp_path, gradient_accumulation_steps=3, max_steps=-1, num_train_epochs=1
-    )
+    args = emo_args(tmp_path, gradient_accumulation_steps=3, max_steps=-1, num_train_epochs=1)
     trainer = EmoTrainer(
         model=Regression(forward_log), args=args, train_dataset=RegressionData(14), callbacks=[spy]
     )

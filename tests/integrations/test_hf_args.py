@@ -1,0 +1,164 @@
+"""EmoTrainingArguments: optim names, CLI parsing, optim_args, learning_rate default, groups."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from emo_hf import EmoTrainer, EmoTrainingArguments, parse_optim_args  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
+from transformers.training_args import OptimizerNames  # noqa: E402
+
+from emo_core import EmoAiry, EmoCats, EmoSens, unwrap  # noqa: E402
+
+EMO = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
+
+
+def make_args(tmp_path, **kwargs) -> EmoTrainingArguments:
+    return EmoTrainingArguments(output_dir=str(tmp_path), report_to="none", **kwargs)
+
+
+def test_every_native_optim_name_is_accepted_unchanged(tmp_path):
+    for name in OptimizerNames:
+        args = make_args(tmp_path, optim=name.value)
+        assert args.optim is name  # the enum, exactly as TrainingArguments gives it
+        assert args.learning_rate == TrainingArguments(output_dir=str(tmp_path)).learning_rate
+
+
+@pytest.mark.parametrize("name", sorted(EMO))
+def test_emo_names_are_accepted_in_any_case(tmp_path, name):
+    args = make_args(tmp_path, optim=name.upper())
+    assert args.optim == name
+    assert args.to_dict()["optim"] == name
+    assert OptimizerNames.ADAMW_TORCH in list(OptimizerNames)  # the enum is left as it was
+    assert name not in {o.value for o in OptimizerNames}
+
+
+def test_unknown_optim_lists_every_valid_name(tmp_path):
+    with pytest.raises(ValueError, match=r"Invalid optim: 'adamw_emo'") as error:
+        make_args(tmp_path, optim="adamw_emo")
+    message = str(error.value)
+    for name in [*EMO, *(o.value for o in OptimizerNames)]:
+        assert name in message
+
+
+def test_cli_parses_emo_optim_and_optim_args(tmp_path):
+    parser = HfArgumentParser(EmoTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path), "--optim", "emocats", "--optim_args",
+              "use_shadow=True,betas=(0.9,0.99)", "--emo_stop_on_signal"],
+        look_for_args_file=False,
+    )  # fmt: skip
+    assert args.optim == "emocats"
+    assert args.learning_rate == 1.0
+    assert args.emo_stop_on_signal is True
+    assert parse_optim_args(args.optim_args, EmoCats) == {"use_shadow": True, "betas": (0.9, 0.99)}
+
+
+def test_cli_rejects_unknown_optim_listing_choices(tmp_path, capsys):
+    parser = HfArgumentParser(EmoTrainingArguments)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(
+            args=["--output_dir", str(tmp_path), "--optim", "emo"], look_for_args_file=False
+        )
+    err = capsys.readouterr().err
+    assert "--optim: invalid choice: 'emo'" in err
+    assert "emosens" in err and "adamw_torch" in err
+
+
+def test_learning_rate_defaults_to_one_for_emo_and_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="emo_hf.arguments"):
+        args = make_args(tmp_path, optim="emosens")
+    assert args.learning_rate == 1.0
+    assert "learning_rate not set, using 1.0" in caplog.text
+
+    assert make_args(tmp_path, optim="emosens", learning_rate=0.5).learning_rate == 0.5
+    assert make_args(tmp_path, optim="adamw_torch").learning_rate == 5e-5
+    parser = HfArgumentParser(EmoTrainingArguments)
+    (explicit,) = parser.parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path), "--optim", "emoairy", "--learning_rate", "5e-5"],
+        look_for_args_file=False,
+    )
+    assert explicit.learning_rate == 5e-5  # set explicitly, even to HF's default: kept
+
+
+def test_set_optimizer_accepts_emo_names(tmp_path):
+    args = make_args(tmp_path).set_optimizer("emoairy", args="clip_threshold=2.0")
+    assert (args.optim, args.learning_rate) == ("emoairy", 1.0)
+    args.set_optimizer("sgd", learning_rate=0.1)
+    assert (args.optim, args.learning_rate) == (OptimizerNames.SGD, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("optim_args", "match"),
+    [
+        ("use_shadow=1", r"use_shadow='1' for EmoSens: expected bool"),
+        ("use_shadow='False'", r"expected bool"),
+        ("betas=(0.9,)", r"expected tuple\[float, float\]"),
+        ("max_lr=fast", r"max_lr='fast' for EmoSens: expected float"),
+        ("momentum=0.9", r"key 'momentum' for EmoSens; accepted keys: betas, eps"),
+        ("lr=2.0", r"use learning_rate"),
+        ("weight_decay=0.1", r"use weight_decay"),
+        ("eps", r"expected key=value"),
+        ("max_lr=1e-2,max_lr=1e-3", r"given twice"),
+    ],
+)
+def test_bad_optim_args_fail_at_construction_naming_the_key(tmp_path, optim_args, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, optim="emosens", optim_args=optim_args)
+
+
+def test_optim_args_range_errors_come_from_the_optimizer(tmp_path):
+    with pytest.raises(ValueError, match="min_lr"):
+        make_args(tmp_path, optim="emosens", optim_args="min_lr=1e-2,max_lr=1e-3")
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 1, bias=False)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.head(self.norm(self.proj(x))).squeeze(-1)
+        return {"loss": nn.functional.mse_loss(out, labels)}
+
+
+@pytest.mark.parametrize("name", sorted(EMO))
+def test_optimizer_groups_and_arguments_match_transformers(tmp_path, name):
+    settings = {"weight_decay": 0.1, "report_to": "none"}
+    reference = Trainer(
+        model=Tiny(),
+        args=TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch", **settings),
+    )
+    reference.create_optimizer()
+    optim_args = "use_shadow=True,max_lr=2e-3"
+    trainer = EmoTrainer(
+        model=Tiny(),
+        args=EmoTrainingArguments(
+            output_dir=str(tmp_path), optim=name, optim_args=optim_args, **settings
+        ),
+    )
+    optimizer = unwrap(trainer.create_optimizer())
+    assert type(optimizer) is EMO[name]
+    assert optimizer.max_lr == 2e-3
+
+    def layout(model, groups):
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [(sorted(names[id(p)] for p in g["params"]), g["weight_decay"]) for g in groups]
+
+    assert layout(trainer.model, optimizer.param_groups) == layout(
+        reference.model, reference.optimizer.param_groups
+    )
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    for group in optimizer.param_groups:
+        assert group["lr"] == 1.0 and group["use_shadow"] is True
