@@ -77,6 +77,10 @@ class EmoCallback(Callback):
         if not _emo_optimizers(trainer) and not self._warned_no_emo:
             self._warned_no_emo = True
             rank_zero_warn(_NO_EMO_WARNING)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a checkpoint is restored (which happens after on_fit_start).
         self._window_start = True
         self._last_step = trainer.global_step
 
