@@ -1,0 +1,6 @@
+"""``emo-bench``: measured quality and speed of the Emo optimizers against AdamW, Prodigy,
+Schedule-Free AdamW and Lion on small offline workloads.
+
+Run ``emo-bench quality``, ``emo-bench speed`` or ``emo-bench demo`` (also
+``python -m benchmarks ...``); see :mod:`benchmarks.cli`. Nothing runs at import time.
+"""

@@ -1,0 +1,361 @@
+"""``emo-bench``: should you use an Emo optimizer with ``lr=1.0`` instead of what you use now?
+
+Subcommands::
+
+    emo-bench quality [--quick]   # 4 offline workloads x 10 optimizer configs x seeds
+    emo-bench speed   [--quick]   # step time vs torch AdamW, state bytes, host syncs
+    emo-bench demo                # quality --quick, then speed --quick (what `make demo` runs)
+
+Each writes ``<out>/quality.md`` + ``quality.png`` + ``quality.json`` (or ``speed.*``) and
+prints the markdown table; with ``--json`` it prints the JSON document instead. Full runs go
+to ``benchmarks/results/``, ``--quick`` runs to ``benchmarks/results/quick/`` (``--out``
+changes both).
+
+JSON fields (non-finite numbers are ``null``):
+
+- quality: ``command`` ("quality"), ``settings`` (``command``, ``quick``, ``seeds``,
+  ``steps`` per workload, ``adamw_sweep``, ``device``, ``wall_s``), ``machine`` (``cpu``,
+  ``cores``, ``torch_threads``, ``torch``, ``python``, ``os``, ``device``[, ``gpu``]),
+  ``results``: one object per (workload, optimizer) with ``workload``, ``optimizer``,
+  ``family``, ``lr``, ``metric``, ``higher_is_better``, ``mean``, ``std``, ``values`` (per
+  seed), ``diverged`` (count), ``seeds``, ``wall_s`` (per run), ``lr_min``, ``lr_max``,
+  ``gap_to_tuned_adamw_pct`` (+ = worse), ``role`` ("tuned", "default" or ""), and
+  ``files`` (``markdown``, ``plot``, ``json``).
+- speed: ``command`` ("speed"), ``settings`` (``command``, ``quick``, ``device``,
+  ``warmup``, ``repeats``, ``steps``, ``wall_s``), ``machine``, ``layouts`` (``name``,
+  ``title``, ``params``, ``tensors``), ``results``: one object per (layout, optimizer) with
+  ``layout``, ``optimizer``, ``step_ms`` (median), ``step_ms_min``, ``ratio_fused``,
+  ``ratio_foreach``, ``ratio_forloop`` (vs torch AdamW), ``state_bytes_per_param``,
+  ``syncs_per_step``, ``reads_per_step``; ``targets`` (``target``, ``measured``, ``met``),
+  ``roofline`` (CUDA with ``--roofline``, else null), ``files``.
+- demo: ``{"command": "demo", "quality": <quality>, "speed": <speed>}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import report
+from .contenders import ADAMW_SWEEP, quality_contenders
+from .machine import describe_machine, set_threads
+from .workloads import get_workloads
+
+__all__ = ["main", "run_quality_command", "run_speed_command"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _seeds(value: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"Invalid --seeds: {value!r} (expected comma-separated integers, e.g. 0,1,2)"
+        ) from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("Invalid --seeds: empty (e.g. --seeds 0,1,2)")
+    return seeds
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _device(value: str) -> torch.device:
+    try:
+        device = torch.device(value)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"Invalid --device: {value!r} ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            "Invalid --device: cuda, but torch.cuda.is_available() is False on this machine "
+            "(use --device cpu)"
+        )
+    return device
+
+
+def _pick(names: list[str] | None, available: list[str], flag: str) -> list[str]:
+    """Filter by slug prefix: ``adamw`` picks the whole AdamW sweep, ``emosens`` one entry."""
+    if not names:
+        return available
+    chosen = [a for a in available if any(_slug(a).startswith(_slug(n)) for n in names)]
+    missing = [n for n in names if not any(_slug(a).startswith(_slug(n)) for a in available)]
+    if missing:
+        choices = ", ".join(dict.fromkeys(_slug(a) for a in available))
+        raise SystemExit(f"Invalid {flag}: {', '.join(missing)} (choose from {choices})")
+    return chosen
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="short run (what `make demo` uses)")
+    parser.add_argument(
+        "--device",
+        type=_device,
+        default=torch.device("cpu"),
+        help="cpu (default) or cuda when a GPU is present",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="torch intra-op threads (default: all cores)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: benchmarks/results, quick: .../quick)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the JSON document instead of the markdown table"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emo-bench",
+        description="Measured quality and speed of the Emo optimizers vs AdamW, Prodigy, "
+        "Schedule-Free AdamW and Lion.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quality", help="train the offline workloads with every optimizer")
+    _common(q)
+    q.add_argument("--seeds", type=_seeds, default=None, help="e.g. 0,1,2 (quick: 0,1)")
+    q.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help="steps for every workload (default: per workload)",
+    )
+    q.add_argument(
+        "--workloads",
+        type=_csv,
+        default=None,
+        help="comma-separated: digits, charlm, flow, quadratic (default: all)",
+    )
+    q.add_argument(
+        "--optimizers",
+        type=_csv,
+        default=None,
+        help="comma-separated prefixes: emosens, emoairy, emocats, adamw, prodigy, "
+        "schedule-free, lion (default: all)",
+    )
+    s = sub.add_parser("speed", help="step time, state bytes and host syncs per optimizer")
+    _common(s)
+    s.add_argument("--layouts", type=_csv, default=None, help="dense, lora (default: both)")
+    s.add_argument(
+        "--optimizers",
+        type=_csv,
+        default=None,
+        help="comma-separated prefixes, e.g. emosens,adamw (the AdamW references are always kept)",
+    )
+    s.add_argument("--repeats", type=_positive, default=None, help="timed blocks per optimizer")
+    s.add_argument("--steps", type=_positive, default=None, help="steps per timed block")
+    s.add_argument("--warmup", type=_positive, default=None, help="untimed steps first")
+    s.add_argument(
+        "--profile",
+        type=_csv,
+        default=None,
+        help="also print a torch.profiler table for these optimizers (e.g. emosens)",
+    )
+    s.add_argument(
+        "--roofline",
+        action="store_true",
+        help="CUDA only: step time vs the HBM bound for a 1B-parameter layout",
+    )
+    d = sub.add_parser("demo", help="quality --quick then speed --quick (`make demo`)")
+    _common(d)
+    return parser
+
+
+def _out_dir(args: argparse.Namespace, quick: bool) -> Path:
+    if args.out is not None:
+        return args.out
+    return RESULTS_DIR / "quick" if quick else RESULTS_DIR
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """Human output: stdout normally, stderr when stdout carries JSON."""
+    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
+    from .plots import plot_quality
+    from .quality import run_quality
+
+    workloads = get_workloads(args.workloads if hasattr(args, "workloads") else None)
+    contenders = quality_contenders()
+    names = _pick(getattr(args, "optimizers", None), [c.name for c in contenders], "--optimizers")
+    contenders = [c for c in contenders if c.name in names]
+    seeds = getattr(args, "seeds", None) or ([0, 1] if quick else [0, 1, 2])
+    steps = getattr(args, "steps", None)
+    out = _out_dir(args, quick)
+    start = time.perf_counter()
+    results = run_quality(
+        workloads,
+        contenders,
+        seeds,
+        quick=quick,
+        steps=steps,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    steps_used = {w.name: steps or (w.quick_steps if quick else w.steps) for w in workloads}
+    settings = {
+        "command": args.command_line,
+        "quick": quick,
+        "seeds": seeds,
+        "steps": steps_used,
+        "adamw_sweep": list(ADAMW_SWEEP),
+        "device": str(args.device),
+        "wall_s": time.perf_counter() - start,
+    }
+    machine = describe_machine(args.device)
+    files = {
+        "markdown": str(out / "quality.md"),
+        "plot": str(out / "quality.png"),
+        "json": str(out / "quality.json"),
+    }
+    plot_quality(
+        results,
+        {
+            w.name: f"{w.name} ({w.metric}: {'higher' if w.higher_is_better else 'lower'} is better)"
+            for w in workloads
+        },
+        {w.name: w.log_scale for w in workloads},
+        Path(files["plot"]),
+    )
+    titles = {w.name: (w.title, steps_used[w.name], w.batch) for w in workloads}
+    text = report.quality_markdown(results, titles, settings, machine, "quality.png")
+    doc = report.quality_json(results, settings, machine, files)
+    report.write_text(Path(files["markdown"]), text)
+    report.write_json(Path(files["json"]), doc)
+    if not args.json:
+        print(text, flush=True)
+    _say(args, f"quality results: {files['markdown']}, {files['plot']}, {files['json']}")
+    return doc
+
+
+def run_speed_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
+    from .plots import plot_speed
+    from .speed import (
+        REFERENCE,
+        check_targets,
+        layouts,
+        profile_steps,
+        roofline,
+        run_speed,
+        speed_entries,
+    )
+
+    entries = speed_entries(quick, args.device)
+    wanted = getattr(args, "optimizers", None)
+    if wanted:
+        names = set(_pick(wanted, [e.name for e in entries], "--optimizers")) | set(REFERENCE)
+        entries = [e for e in entries if e.name in names]
+    chosen = layouts(quick)
+    if getattr(args, "layouts", None):
+        names = _pick(args.layouts, [lay.name for lay in chosen], "--layouts")
+        chosen = [lay for lay in chosen if lay.name in names]
+    out = _out_dir(args, quick)
+    start = time.perf_counter()
+    doc = run_speed(
+        quick=quick,
+        device=args.device,
+        entries=entries,
+        chosen_layouts=chosen,
+        warmup=getattr(args, "warmup", None),
+        repeats=getattr(args, "repeats", None),
+        steps=getattr(args, "steps", None),
+        progress=not args.no_progress,
+    )
+    roof = None
+    if getattr(args, "roofline", False):
+        if args.device.type != "cuda":
+            raise SystemExit("Invalid --roofline: needs --device cuda")
+        roof = roofline(args.device, entries)
+    files = {
+        "markdown": str(out / "speed.md"),
+        "plot": str(out / "speed.png"),
+        "json": str(out / "speed.json"),
+    }
+    doc = {
+        "command": "speed",
+        "settings": {
+            "command": args.command_line,
+            "quick": quick,
+            "device": str(args.device),
+            **doc.pop("settings"),
+            "wall_s": time.perf_counter() - start,
+        },
+        "machine": describe_machine(args.device),
+        **doc,
+        "targets": check_targets(doc["results"]),
+        "roofline": roof,
+        "files": files,
+    }
+    plot_speed(doc, Path(files["plot"]))
+    text = report.speed_markdown(doc)
+    report.write_text(Path(files["markdown"]), text)
+    report.write_json(Path(files["json"]), doc)
+    if not args.json:
+        print(text, flush=True)
+    for name in getattr(args, "profile", None) or []:
+        for entry in [e for e in entries if _slug(e.name) == _slug(name)]:
+            for layout in chosen:
+                _say(args, f"\n### profile: {entry.name} on {layout.name}\n")
+                _say(args, profile_steps(entry, layout, args.device))
+    _say(args, f"speed results: {files['markdown']}, {files['plot']}, {files['json']}")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``emo-bench`` and ``python -m benchmarks``."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["emo-bench", *map(shlex.quote, argv)])
+    threads = args.threads
+    if args.command == "quality":
+        set_threads(threads or 1)
+        doc = run_quality_command(args, args.quick)
+    elif args.command == "speed":
+        set_threads(threads)
+        doc = run_speed_command(args, args.quick)
+    else:
+        set_threads(threads or 1)
+        quality = run_quality_command(args, quick=True)
+        set_threads(threads)
+        speed = run_speed_command(args, quick=True)
+        doc = {"command": "demo", "quality": quality, "speed": speed}
+        _say(
+            args,
+            "\nemo-bench demo done. Tables and plots: "
+            f"{quality['files']['markdown']}, {quality['files']['plot']}, "
+            f"{speed['files']['markdown']}, {speed['files']['plot']}",
+        )
+    if args.json:
+        print(report.dumps(doc), flush=True)
+    return 0

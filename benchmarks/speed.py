@@ -1,0 +1,374 @@
+"""``emo-bench speed``: optimizer step time, state bytes and host syncs on fixed layouts.
+
+Only ``opt.step()`` is timed: every optimizer steps the same parameters with the same fixed
+gradients (Emo optimizers also get a loss from a fixed trace), after a warm-up that
+allocates state. The optimizers are interleaved round-robin, ``repeats`` times, and each
+reports the median time per step, so a burst of load on a shared machine hits all of them
+alike. Ratios are against torch's AdamW (fused, foreach, for-loop) from the same run.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from emo_core import EmoAiry, EmoCats, EmoOptimizer, EmoSens
+
+from .lion import Lion
+from .syncs import count_host_reads, host_step_counters
+
+__all__ = [
+    "Layout",
+    "SpeedEntry",
+    "count_syncs",
+    "layouts",
+    "profile_steps",
+    "roofline",
+    "run_speed",
+    "speed_entries",
+    "state_bytes",
+]
+
+_SYNC_STEPS = 3
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A set of parameter shapes standing in for a model."""
+
+    name: str
+    title: str
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def params(self) -> int:
+        return sum(int(torch.Size(s).numel()) for s in self.shapes)
+
+
+def layouts(quick: bool = False) -> list[Layout]:
+    """(a) a dense model of a few big Linear weights, (b) LoRA-like: 400 small tensors."""
+    width = 1280 if quick else 2560
+    dense = Layout("dense", f"Dense: 4 Linear weights {width}x{width}", ((width, width),) * 4)
+    rank, dim = 8, 1024
+    lora = Layout(
+        "lora",
+        f"LoRA-like: 200 pairs of {rank}x{dim} and {dim}x{rank}",
+        ((rank, dim), (dim, rank)) * 200,
+    )
+    return [dense, lora]
+
+
+@dataclass(frozen=True)
+class SpeedEntry:
+    """One optimizer configuration for the speed table."""
+
+    name: str
+    factory: Callable[[list[Tensor]], torch.optim.Optimizer]
+    bytes_moved: int | None = None  # per parameter per step, for the HBM roofline
+
+    def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
+        opt = self.factory(params)
+        if hasattr(opt, "train") and type(opt).__module__.startswith("schedulefree"):
+            opt.train()
+        return opt
+
+
+def _prodigy(ps: list[Tensor]) -> torch.optim.Optimizer:
+    from prodigyopt import Prodigy
+
+    return Prodigy(ps, lr=1.0)
+
+
+def _schedulefree(ps: list[Tensor]) -> torch.optim.Optimizer:
+    from schedulefree import AdamWScheduleFree
+
+    return AdamWScheduleFree(ps)
+
+
+REFERENCE = ("AdamW fused", "AdamW foreach", "AdamW for-loop")
+
+
+def speed_entries(quick: bool = False, device: torch.device | None = None) -> list[SpeedEntry]:
+    """torch AdamW's three paths first (the references), then Emo, then the others."""
+    entries = [
+        SpeedEntry("AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), 28),
+        SpeedEntry("AdamW foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
+        SpeedEntry("AdamW for-loop", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False)),
+        SpeedEntry("EmoSens", lambda ps: EmoSens(ps), 28),
+        SpeedEntry("EmoSens foreach", lambda ps: EmoSens(ps, foreach=True)),
+        SpeedEntry("EmoAiry", lambda ps: EmoAiry(ps), 16),
+        SpeedEntry("EmoCats", lambda ps: EmoCats(ps), 20),
+        SpeedEntry("Adafactor (torch)", lambda ps: torch.optim.Adafactor(ps, lr=1e-2)),
+        SpeedEntry("Lion (reference, foreach)", lambda ps: Lion(ps, lr=1e-4)),
+    ]
+    if not quick:
+        entries += [
+            SpeedEntry("EmoSens use_shadow", lambda ps: EmoSens(ps, use_shadow=True)),
+            SpeedEntry("Prodigy", _prodigy),
+            SpeedEntry("Schedule-Free AdamW", _schedulefree),
+        ]
+    return entries
+
+
+def make_params(layout: Layout, device: torch.device, seed: int = 0) -> list[Tensor]:
+    """fp32 parameters with fixed random gradients."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for shape in layout.shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, device=device) * 0.02)
+        p.grad = torch.randn(shape, generator=gen, device=device) * 1e-3
+        params.append(p)
+    return params
+
+
+class _Stepper:
+    """Calls ``step`` the way a training loop would (Emo: with this step's loss tensor)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, device: torch.device) -> None:
+        self.opt = opt
+        self.is_emo = isinstance(opt, EmoOptimizer)
+        trace = 2.0 + torch.cos(torch.arange(64.0)) * 0.1 - torch.arange(64.0) * 0.01
+        self.losses = [v.to(device) for v in trace]
+        self.i = 0
+
+    def __call__(self) -> None:
+        if self.is_emo:
+            self.opt.step(loss=self.losses[self.i % len(self.losses)])
+            self.i += 1
+        else:
+            self.opt.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``opt.state`` (0-dim counters and the Emo sensor included)."""
+    seen: set[int] = set()
+    total = 0
+
+    def visit(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, Tensor):
+            if id(value) not in seen:
+                seen.add(id(value))
+                total += value.nbytes
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                visit(v)
+
+    visit(list(opt.state.values()))
+    return total
+
+
+def count_syncs(step: Callable[[], None], opt: torch.optim.Optimizer, steps: int = _SYNC_STEPS):
+    """``(syncs, reads)`` per step over ``steps`` calls of ``step`` (see :mod:`.syncs`)."""
+    with count_host_reads(host_step_counters(opt)) as seen:
+        for _ in range(steps):
+            step()
+    return seen.syncs / steps, seen.reads / steps
+
+
+def _time_block(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _ratio(value: float, reference: float | None) -> float | None:
+    return None if not reference else value / reference
+
+
+def run_speed(
+    quick: bool = False,
+    device: torch.device | None = None,
+    entries: list[SpeedEntry] | None = None,
+    chosen_layouts: list[Layout] | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Time every entry on every layout; returns ``{"layouts": [...], "results": [...]}``."""
+    device = device or torch.device("cpu")
+    entries = entries or speed_entries(quick, device)
+    chosen_layouts = chosen_layouts or layouts(quick)
+    warmup = warmup if warmup is not None else (2 if quick else 3)
+    repeats = repeats if repeats is not None else (5 if quick else 9)
+    steps = steps if steps is not None else (3 if quick else 5)
+    results: list[dict[str, Any]] = []
+    total = len(chosen_layouts) * len(entries) * (repeats + 1)
+    bar = tqdm(total=total, desc="speed", unit="block", disable=not progress)
+    for layout in chosen_layouts:
+        params = make_params(layout, device)
+        numel = sum(p.numel() for p in params)
+        built = []
+        for entry in entries:
+            bar.set_postfix_str(f"{layout.name} · {entry.name} · warm-up")
+            opt = entry.build(params)
+            stepper = _Stepper(opt, device)
+            for _ in range(warmup):
+                stepper()
+            syncs, reads = count_syncs(stepper, opt)
+            built.append((entry, opt, stepper, syncs, reads, state_bytes(opt)))
+            bar.update()
+        times: dict[str, list[float]] = {e.name: [] for e in entries}
+        for r in range(repeats):
+            for entry, _, stepper, *_ in built:
+                bar.set_postfix_str(f"{layout.name} · {entry.name} · repeat {r + 1}")
+                times[entry.name].append(_time_block(stepper, steps, device))
+                bar.update()
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        refs = {name: medians.get(name) for name in REFERENCE}
+        for entry, _, _, syncs, reads, nbytes in built:
+            ms = medians[entry.name] * 1e3
+            results.append(
+                {
+                    "layout": layout.name,
+                    "optimizer": entry.name,
+                    "step_ms": ms,
+                    "step_ms_min": min(times[entry.name]) * 1e3,
+                    "ratio_fused": _ratio(medians[entry.name], refs["AdamW fused"]),
+                    "ratio_foreach": _ratio(medians[entry.name], refs["AdamW foreach"]),
+                    "ratio_forloop": _ratio(medians[entry.name], refs["AdamW for-loop"]),
+                    "state_bytes_per_param": nbytes / numel,
+                    "syncs_per_step": syncs,
+                    "reads_per_step": reads,
+                }
+            )
+        del built, params
+        gc.collect()
+    bar.close()
+    return {
+        "layouts": [
+            {"name": lay.name, "title": lay.title, "params": lay.params, "tensors": len(lay.shapes)}
+            for lay in chosen_layouts
+        ],
+        "results": results,
+        "settings": {"warmup": warmup, "repeats": repeats, "steps": steps},
+    }
+
+
+def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's speed and memory targets, each with the measured value and a verdict."""
+    by = {(r["layout"], r["optimizer"]): r for r in results}
+    out = []
+
+    def add(target: str, measured: str, met: bool) -> None:
+        out.append({"target": target, "measured": measured, "met": bool(met)})
+
+    for layout in dict.fromkeys(r["layout"] for r in results):
+
+        def ratio(name: str, key: str = "ratio_fused", layout: str = layout) -> float | None:
+            row = by.get((layout, name))
+            return None if row is None else row[key]
+
+        for name, limit in (("EmoSens", 1.10), ("EmoCats", 1.0), ("EmoAiry", 1.0)):
+            x = ratio(name)
+            if x is not None:
+                add(f"{layout}: {name} ≤ {limit:.2f}× AdamW fused", f"{x:.2f}×", x <= limit)
+        for name in ("EmoCats", "EmoAiry"):
+            x = ratio(name, "ratio_foreach")
+            if x is not None:
+                add(f"{layout}: {name} faster than AdamW foreach", f"{x:.2f}×", x < 1.0)
+        airy, ada = by.get((layout, "EmoAiry")), by.get((layout, "Adafactor (torch)"))
+        if airy and ada:
+            x = airy["step_ms"] / ada["step_ms"]
+            add(f"{layout}: EmoAiry faster than torch Adafactor", f"{x:.2f}×", x < 1.0)
+        for name in ("EmoSens", "EmoAiry", "EmoCats"):
+            row = by.get((layout, name))
+            if row:
+                add(
+                    f"{layout}: {name} 0 host syncs/step",
+                    f"{row['syncs_per_step']:g}",
+                    row["syncs_per_step"] == 0,
+                )
+    for name, want in (("EmoSens", 8.0), ("EmoCats", 4.0), ("EmoAiry", 0.1)):
+        row = by.get(("dense", name))
+        if row:
+            x = row["state_bytes_per_param"]
+            met = x <= want if name == "EmoAiry" else abs(x - want) < 0.05
+            sign = "≤" if name == "EmoAiry" else "="
+            add(f"dense: {name} state {sign} {want:g} B/param", f"{x:.3f}", met)
+    return out
+
+
+def profile_steps(
+    entry: SpeedEntry, layout: Layout, device: torch.device, steps: int = 5, top: int = 15
+) -> str:
+    """torch.profiler table of where one optimizer's step time goes (self time, top ops)."""
+    params = make_params(layout, device)
+    opt = entry.build(params)
+    stepper = _Stepper(opt, device)
+    for _ in range(3):
+        stepper()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            stepper()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
+def roofline(
+    device: torch.device,
+    entries: Iterable[SpeedEntry],
+    shapes: tuple[tuple[int, ...], ...] = ((8192, 8192),) * 16,
+    steps: int = 5,
+) -> dict[str, Any]:
+    """Step time as a fraction of the memory-bandwidth bound for a large (≈1B) layout.
+
+    Bandwidth is measured with a large device-to-device copy; the bound is
+    ``bytes moved per param × params / bandwidth``. One optimizer at a time (memory).
+    """
+    layout = Layout("roofline", "roofline", shapes)
+    src = torch.empty(256 * 2**20, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    copy_s = _time_block(lambda: dst.copy_(src), 10, device)
+    bandwidth = 2 * src.nbytes / copy_s
+    src = dst = None  # free before the big layout
+    rows = []
+    for entry in entries:
+        if entry.bytes_moved is None:
+            continue
+        params = make_params(layout, device)
+        opt = entry.build(params)
+        stepper = _Stepper(opt, device)
+        for _ in range(2):
+            stepper()
+        seconds = statistics.median(_time_block(stepper, steps, device) for _ in range(3))
+        bound = entry.bytes_moved * layout.params / bandwidth
+        rows.append(
+            {
+                "optimizer": entry.name,
+                "step_ms": seconds * 1e3,
+                "bytes_per_param": entry.bytes_moved,
+                "roofline_ms": bound * 1e3,
+                "fraction": bound / seconds,
+            }
+        )
+        del opt, stepper, params
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"params": layout.params, "bandwidth_gbs": bandwidth / 1e9, "rows": rows}

@@ -1,0 +1,25 @@
+"""The four offline quality workloads, by name."""
+
+from __future__ import annotations
+
+from .base import Task, Workload
+from .charlm import CHARLM
+from .digits import DIGITS
+from .flow import FLOW
+from .quadratic import QUADRATIC
+
+__all__ = ["WORKLOADS", "Task", "Workload", "get_workloads"]
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (DIGITS, CHARLM, FLOW, QUADRATIC)}
+
+
+def get_workloads(names: list[str] | None = None) -> list[Workload]:
+    """The named workloads (all when ``names`` is empty); unknown names raise ``ValueError``."""
+    if not names:
+        return list(WORKLOADS.values())
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        raise ValueError(
+            f"Invalid --workloads: {', '.join(unknown)} (choose from {', '.join(WORKLOADS)})"
+        )
+    return [WORKLOADS[n] for n in names]

@@ -1,0 +1,151 @@
+"""``emo-bench`` command line: JSON documents, files written, clear errors, demo wiring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cli
+
+
+def _run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)
+
+
+def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
+    doc = _run_json(
+        capsys,
+        [
+            "quality",
+            "--steps",
+            "5",
+            "--seeds",
+            "0,1",
+            "--workloads",
+            "quadratic,digits",
+            "--optimizers",
+            "emosens,adamw,schedule-free",
+            "--out",
+            str(tmp_path),
+            "--json",
+            "--no-progress",
+        ],
+    )
+    assert doc["command"] == "quality"
+    assert {"command", "quick", "seeds", "steps", "adamw_sweep", "device", "wall_s"} <= set(
+        doc["settings"]
+    )
+    assert doc["settings"]["steps"] == {"quadratic": 5, "digits": 5}
+    assert {"cpu", "cores", "torch_threads", "torch", "python", "os", "device"} <= set(
+        doc["machine"]
+    )
+    names = {(r["workload"], r["optimizer"]) for r in doc["results"]}
+    assert len(names) == 2 * 6  # EmoSens, 4 AdamW lrs, Schedule-Free
+    fields = {
+        "workload",
+        "optimizer",
+        "family",
+        "lr",
+        "metric",
+        "higher_is_better",
+        "mean",
+        "std",
+        "values",
+        "diverged",
+        "seeds",
+        "wall_s",
+        "lr_min",
+        "lr_max",
+        "gap_to_tuned_adamw_pct",
+        "role",
+    }
+    for r in doc["results"]:
+        assert set(r) == fields
+        assert len(r["values"]) == 2
+    for key in ("markdown", "plot", "json"):
+        assert Path(doc["files"][key]).is_file()
+    assert Path(doc["files"]["plot"]).stat().st_size < 300_000
+    markdown = Path(doc["files"]["markdown"]).read_text()
+    assert "| **EmoSens** |" in markdown and "(tuned" in markdown
+    assert json.loads(Path(doc["files"]["json"]).read_text()) == doc
+
+
+def test_speed_json_has_documented_fields(tmp_path: Path, capsys) -> None:
+    doc = _run_json(
+        capsys,
+        [
+            "speed",
+            "--layouts",
+            "lora",
+            "--optimizers",
+            "emocats",
+            "--repeats",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--json",
+            "--no-progress",
+        ],
+    )
+    assert doc["command"] == "speed"
+    assert {"command", "quick", "device", "warmup", "repeats", "steps", "wall_s"} <= set(
+        doc["settings"]
+    )
+    assert doc["machine"]["torch_threads"] == 1
+    assert [lay["tensors"] for lay in doc["layouts"]] == [400]
+    assert [r["optimizer"] for r in doc["results"]] == [
+        "AdamW fused",
+        "AdamW foreach",
+        "AdamW for-loop",
+        "EmoCats",
+    ]
+    assert all({"target", "measured", "met"} == set(t) for t in doc["targets"])
+    assert doc["roofline"] is None
+    cats = doc["results"][-1]
+    assert cats["syncs_per_step"] == 0
+    assert cats["state_bytes_per_param"] == pytest.approx(4.0, abs=0.01)
+    for key in ("markdown", "plot", "json"):
+        assert Path(doc["files"][key]).is_file()
+
+
+def test_demo_runs_quick_quality_then_quick_speed(monkeypatch, capsys, tmp_path) -> None:
+    calls = []
+
+    def fake(kind: str):
+        def run(args, quick):
+            calls.append((kind, quick))
+            return {"files": {"markdown": f"{kind}.md", "plot": f"{kind}.png"}}
+
+        return run
+
+    monkeypatch.setattr(cli, "run_quality_command", fake("quality"))
+    monkeypatch.setattr(cli, "run_speed_command", fake("speed"))
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert calls == [("quality", True), ("speed", True)]
+    assert "quality.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quality", "--workloads", "mnist"], "Invalid --workloads: mnist"),
+        (["quality", "--optimizers", "sgd"], "Invalid --optimizers: sgd"),
+        (["quality", "--seeds", "a,b"], "Invalid --seeds"),
+        (["speed", "--layouts", "conv"], "Invalid --layouts: conv"),
+    ],
+)
+def test_bad_arguments_name_the_flag(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises((SystemExit, ValueError)) as err:
+        cli.main([*argv, "--no-progress"])
+    text = str(err.value) + capsys.readouterr().err
+    assert message in text
