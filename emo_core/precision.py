@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .distributed import local_shard
+
 __all__ = ["LOW_PRECISION", "copy_stochastic_", "default_state_dtype"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -31,12 +33,14 @@ def copy_stochastic_(target: Tensor, source: Tensor, generator: torch.Generator)
         raise TypeError(
             f"stochastic rounding writes fp32 into bf16, got {source.dtype} -> {target.dtype}"
         )
-    bits = source.view(torch.int32)
+    # FSDP2: round this rank's shard (source is target.to(float32): same placements).
+    local_target, local_source = local_shard(target), local_shard(source)
+    bits = local_source.view(torch.int32)
     noise = torch.randint(
-        0, 1 << 16, source.shape, dtype=torch.int32, device=source.device, generator=generator
+        0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator
     )
     rounded = (bits + noise).bitwise_and_(-65536)  # clear the low 16 bits
     # Keep non-finite values as they are (the add could carry into the exponent).
-    rounded = torch.where(torch.isfinite(source), rounded, bits)
-    target.copy_(rounded.view(torch.float32))
+    rounded = torch.where(torch.isfinite(local_source), rounded, bits)
+    local_target.copy_(rounded.view(torch.float32))
     return target
