@@ -15,7 +15,7 @@ from emo_hf import EmoTrainer, EmoTrainingArguments  # noqa: E402
 from emo_hf.data import build_byte_tokenizer, split_blocks, stdlib_text  # noqa: E402
 from emo_hf.train import ModelArguments, build_model  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from emo_core import EmoSens, unwrap  # noqa: E402
 
@@ -170,6 +170,30 @@ def test_accumulated_loss_is_mean_of_returned_losses_with_short_last_window(tmp_
     windows = spy.windows()
     assert [len(w) for w in windows] == [3, 3, 1]
     assert spy.losses() == pytest.approx([sum(w) / len(w) for w in windows], rel=1e-5)
+
+
+def test_emo_optimizer_passed_directly_is_fed_and_logged(tmp_path, recwarn):
+    """Plain TrainingArguments + ``optimizers=(EmoSens(...), None)``: same feed and logs."""
+    forward_log: list[float] = []
+    spy = SensedLosses(forward_log)
+    model = Regression(forward_log)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, logging_steps=1, gradient_accumulation_steps=2,
+        per_device_train_batch_size=2, report_to="none", disable_tqdm=True,
+        save_strategy="no", dataloader_pin_memory=False,
+    )  # fmt: skip
+    trainer = EmoTrainer(
+        model=model,
+        args=args,
+        train_dataset=RegressionData(32),
+        optimizers=(EmoSens(model.parameters()), None),
+        callbacks=[spy],
+    )
+    trainer.train()
+    assert not [w for w in recwarn if "received no loss" in str(w.message)]
+    assert spy.losses() == pytest.approx([sum(w) / len(w) for w in spy.windows()], rel=1e-5)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all(e["learning_rate"] == e["emo_lr"] for e in logs)
 
 
 def test_logs_hold_emo_metrics_and_effective_learning_rate(tmp_path, tokenizer, blocks):
