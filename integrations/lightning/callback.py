@@ -52,6 +52,12 @@ class EmoCallback(Callback):
     ``emo/opt{index}/``. ``LearningRateMonitor`` shows ``group["lr"]``, which for an Emo
     optimizer is the multiplier (1.0 by default); ``emo/lr`` is the rate actually applied.
 
+    Without the callback the optimizer senses the closure's value: the last micro-batch's
+    loss divided by ``accumulate_grad_batches``, not the window's mean; under ``16-mixed``
+    the GradScaler calls ``step()`` without the closure, so nothing is sensed (the optimizer
+    warns and keeps its LR). The callback holds no state of its own: the loss statistics
+    live in the optimizer's ``state_dict``, which Lightning checkpoints.
+
     Args:
         stop_on_signal: end ``fit`` (``trainer.should_stop``) once every Emo optimizer's
             ``should_stop`` is set, i.e. the loss has settled. Checked when logs are written
