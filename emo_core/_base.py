@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,7 +62,6 @@ class Bucket:
     valid: Tensor
     group: dict[str, Any]
     impl: str
-    indices: list[int] = field(default_factory=list)
 
     def masked_grads(self) -> list[Tensor]:
         """Gradients with every element zeroed on a skipped step (so 0 * grad stays 0)."""
@@ -329,43 +328,42 @@ class EmoOptimizer(Optimizer):
         valid: Tensor,
         meta: dict[str, int],
     ) -> None:
-        buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
-        for index, p in params:
-            buckets.setdefault((p.device, p.dtype), []).append((index, p))
-        for (device, dtype), members in buckets.items():
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for _, p in params:
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        for (device, dtype), originals in buckets.items():
             dtype = dtype.to_real()  # complex parameters are updated as pairs of reals
             compute_dtype = default_state_dtype(dtype, self.state_dtype)
             if compute_dtype in LOW_PRECISION:
                 compute_dtype = torch.float32  # state may be stored low, math is fp32
-            originals = [p for _, p in members]
             for p in originals:
                 if not self.state[p]:
                     self._init_full_state(p, group, dtype)
+            state_copies: list[tuple[Tensor, Tensor]] = []
             keys = dict.fromkeys(k for p in originals for k in self.state[p] if k != "shadow")
-            stored_states = {
-                key: [_real_or_none(self.state[p].get(key)) for p in originals] for key in keys
-            }
             states = {
-                key: values if key == "step" else [_to_compute(t, compute_dtype) for t in values]
-                for key, values in stored_states.items()
+                key: [
+                    _as_compute(self.state[p].get(key), compute_dtype, state_copies)
+                    if key != "step"
+                    else self.state[p].get(key)
+                    for p in originals
+                ]
+                for key in keys
             }
-            work_params = [_real(p).to(compute_dtype) for p in originals]
-            work_grads = [_real(p.grad).to(compute_dtype) for p in originals]
-            lr = group["emo_lr"].to(device=device, dtype=compute_dtype)
+            param_copies: list[tuple[Tensor, Tensor]] = []
             bucket = Bucket(
-                params=work_params,
-                grads=work_grads,
+                params=[_as_compute(p, compute_dtype, param_copies) for p in originals],
+                grads=[_as_compute(p.grad, compute_dtype, None) for p in originals],
                 states=states,
-                lr=lr,
+                lr=group["emo_lr"].to(device=device, dtype=compute_dtype),
                 valid=valid.to(device),
                 group=group,
                 impl=self._pick_impl(originals, compute_dtype),
-                indices=[i for i, _ in members],
             )
             if group["use_shadow"]:
                 self._apply_shadow(bucket, [self.state[p]["shadow"] for p in originals])
             self._update(bucket)
-            self._write_back(originals, work_params, stored_states, states, device, meta)
+            self._write_back(param_copies, state_copies, device, meta)
 
     def _init_full_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> None:
         state_dtype = default_state_dtype(dtype, self.state_dtype)
@@ -401,37 +399,23 @@ class EmoOptimizer(Optimizer):
 
     def _write_back(
         self,
-        originals: list[Tensor],
-        work_params: list[Tensor],
-        stored_states: dict[str, list[Tensor]],
-        work_states: dict[str, list[Tensor]],
+        param_copies: list[tuple[Tensor, Tensor]],
+        state_copies: list[tuple[Tensor, Tensor]],
         device: torch.device,
         meta: dict[str, int],
     ) -> None:
+        """Copy compute-dtype results back into low-precision parameters and state."""
         generator = None
-        for p, work in zip(originals, work_params):
-            target = _real(p)
-            # Same dtype: ``work`` is the parameter itself (``.to`` returned it), already
-            # updated in place. Compared by dtype, not data_ptr(): a DTensor's data_ptr() is 0
-            # and torch.compile cannot trace data pointer comparisons.
-            if target.dtype == work.dtype:
-                continue
-            if self._rounds_stochastically(p):
+        for target, work in param_copies:
+            if target.dtype == torch.bfloat16 and self.stochastic_rounding is not False:
                 if generator is None:
                     generator = torch.Generator(device=device)
                     generator.manual_seed((meta["seed"] + meta["steps"]) % (2**63))
                 copy_stochastic_(target, work, generator)
             else:
                 target.copy_(work)
-        for key, stored in stored_states.items():
-            for target, work in zip(stored, work_states[key]):
-                if target is not None and target.dtype != work.dtype:
-                    target.copy_(work)
-
-    def _rounds_stochastically(self, p: Tensor) -> bool:
-        if p.dtype != torch.bfloat16:
-            return False
-        return self.stochastic_rounding is not False
+        for target, work in state_copies:
+            target.copy_(work)
 
     # ------------------------------------------------------------ subclass hooks
     def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
@@ -527,12 +511,17 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _real_or_none(t: Tensor | None) -> Tensor | None:
-    return None if t is None else _real(t)
-
-
-def _to_compute(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """State in the compute dtype (a no-op, returning ``t`` itself, when it already is)."""
+def _as_compute(
+    t: Tensor | None, dtype: torch.dtype, copies: list[tuple[Tensor, Tensor]] | None
+) -> Tensor | None:
+    """``t`` as a real tensor of ``dtype``; a converted copy is recorded for write-back."""
     if t is None:
+        return None
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype == dtype:
         return t
-    return t.to(dtype)
+    work = t.to(dtype)
+    if copies is not None:
+        copies.append((t, work))
+    return work
