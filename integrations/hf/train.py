@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -136,6 +137,7 @@ def main(
 
     ``callbacks`` are passed to the trainer (for scripts that reuse this entry point).
     """
+    _show_emo_logs()
     model_args, data_args, training_args = parse_args(argv)
     _check_distributed(training_args)
     set_seed(training_args.seed)
@@ -167,6 +169,16 @@ def main(
             path = _plot_curve(curve, training_args.optim, Path(training_args.output_dir))
             print(f"loss curve: {path}")
     return trainer
+
+
+def _show_emo_logs() -> None:
+    """Print emo_hf's INFO messages (e.g. the learning_rate default) on the console."""
+    emo_logger = logging.getLogger("emo_hf")
+    if not emo_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[emo_hf] %(message)s"))
+        emo_logger.addHandler(handler)
+        emo_logger.setLevel(logging.INFO)
 
 
 def _check_distributed(training_args: EmoTrainingArguments) -> None:
