@@ -110,51 +110,90 @@ class EmoAiry(EmoOptimizer):
 def emoairy(
     bucket: Bucket, *, beta2: float, eps: float, clip_threshold: float, weight_decay: float
 ) -> None:
-    """Functional EmoAiry update of one bucket.
+    """Functional EmoAiry update of one bucket, dispatching to the chosen kernel."""
+    kernel = _foreach_emoairy if bucket.impl == "foreach" else _single_tensor_emoairy
+    kernel(bucket, beta2=beta2, eps=eps, clip=clip_threshold, weight_decay=weight_decay)
 
-    The bucket's state lists line up with its params but hold different keys for factored
-    and full tensors, so the rule runs per tensor; ``foreach`` batches the shared parts.
-    """
+
+def _single_tensor_emoairy(
+    bucket: Bucket, *, beta2: float, eps: float, clip: float, weight_decay: float
+) -> None:
+    lr = bucket.step_lr()
+    keep2 = bucket.decay(beta2)
+    increment = bucket.valid.to(torch.float32)
+    shrink = 1.0 - lr * weight_decay
+    for index, (p, g) in enumerate(zip(bucket.params, bucket.masked_grads())):
+        state = {k: v[index] for k, v in bucket.states.items() if v[index] is not None}
+        state["step"].add_(increment)
+        square = g * g
+        if "row_var" in state:
+            row, col = state["row_var"], state["col_var"]
+            row.mul_(keep2).add_(square.mean(dim=_col_dims(g), keepdim=True), alpha=1 - beta2)
+            col.mul_(keep2).add_(square.mean(dim=0, keepdim=True), alpha=1 - beta2)
+            v_hat = row * col / row.mean().clamp(min=_TINY)
+        else:
+            v_hat = state["exp_avg_sq"].mul_(keep2).add_(square, alpha=1 - beta2).clone()
+        correction = 1.0 - beta2 ** state["step"].clamp(min=1.0)
+        v_hat.div_(correction.to(v_hat.dtype))
+        update = g / (v_hat.sqrt_() + eps)
+        rms = update.square().mean().sqrt()
+        update.div_(torch.clamp(rms / clip, min=1.0))
+        p.mul_(shrink)
+        p.sub_(update * lr)
+
+
+def _foreach_emoairy(
+    bucket: Bucket, *, beta2: float, eps: float, clip: float, weight_decay: float
+) -> None:
+    """The same rule with multi-tensor ops; only the row/column means run per tensor."""
     lr = bucket.step_lr()
     keep2 = bucket.decay(beta2)
     grads = bucket.masked_grads()
-    increment = bucket.valid.to(torch.float32)
-    shrink = 1.0 - lr * weight_decay
-    if bucket.impl == "foreach":
-        torch._foreach_mul_(bucket.params, shrink)
-    updates = []
-    for index, (p, g) in enumerate(zip(bucket.params, grads)):
-        state = {
-            key: values[index] for key, values in bucket.states.items() if values[index] is not None
-        }
-        state["step"].add_(increment)
-        updates.append(
-            _adafactor_direction(g, state, keep2=keep2, beta2=beta2, eps=eps, clip=clip_threshold)
-        )
-        if bucket.impl != "foreach":
-            p.mul_(shrink)
-            p.sub_(updates[-1] * lr)
-    if bucket.impl == "foreach":
-        torch._foreach_mul_(updates, lr)
-        torch._foreach_sub_(bucket.params, updates)
+    states = bucket.states
+    factored = [i for i, row in enumerate(states.get("row_var", [])) if row is not None]
+    full = [i for i, v in enumerate(states.get("exp_avg_sq", [])) if v is not None]
+    squares = torch._foreach_mul(grads, grads)
+    v_hat: list[Tensor | None] = [None] * len(grads)
+    if factored:
+        rows = [states["row_var"][i] for i in factored]
+        cols = [states["col_var"][i] for i in factored]
+        row_means = [squares[i].mean(dim=_col_dims(squares[i]), keepdim=True) for i in factored]
+        col_means = [squares[i].mean(dim=0, keepdim=True) for i in factored]
+        for stat, mean in ((rows, row_means), (cols, col_means)):
+            torch._foreach_mul_(stat, keep2)
+            torch._foreach_add_(stat, mean, alpha=1 - beta2)
+        # mean(R) via the 1-norm (R >= 0), one multi-tensor reduction for all rows.
+        row_avg = torch._foreach_norm(rows, 1)
+        torch._foreach_mul_(row_avg, [1.0 / r.numel() for r in rows])
+        torch._foreach_clamp_min_(row_avg, _TINY)
+        products = torch._foreach_mul(rows, cols)
+        torch._foreach_div_(products, row_avg)
+        for i, value in zip(factored, products):
+            v_hat[i] = value
+    if full:
+        moments = [states["exp_avg_sq"][i] for i in full]
+        torch._foreach_mul_(moments, keep2)
+        torch._foreach_add_(moments, [squares[i] for i in full], alpha=1 - beta2)
+        for i, value in zip(full, torch._foreach_mul(moments, 1.0)):
+            v_hat[i] = value
+    steps = states["step"]
+    torch._foreach_add_(steps, bucket.valid.to(torch.float32))
+    corrections = torch._foreach_pow(beta2, torch._foreach_clamp_min(steps, 1.0))
+    torch._foreach_neg_(corrections)
+    torch._foreach_add_(corrections, 1.0)
+    torch._foreach_div_(v_hat, corrections)
+    torch._foreach_sqrt_(v_hat)
+    torch._foreach_add_(v_hat, eps)
+    updates = torch._foreach_div(grads, v_hat)
+    # RMS clip: rms = ||u||_2 / sqrt(n); divide by max(1, rms / clip).
+    scales = torch._foreach_norm(updates, 2)
+    torch._foreach_mul_(scales, [1.0 / (clip * u.numel() ** 0.5) for u in updates])
+    torch._foreach_clamp_min_(scales, 1.0)
+    torch._foreach_div_(updates, scales)
+    torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
+    torch._foreach_mul_(updates, lr)
+    torch._foreach_sub_(bucket.params, updates)
 
 
-def _adafactor_direction(
-    g: Tensor, state: dict[str, Tensor], *, keep2: Tensor, beta2: float, eps: float, clip: float
-) -> Tensor:
-    """Advance the second-moment state by ``g`` and return the clipped update direction."""
-    square = g * g
-    if "row_var" in state:
-        row, col = state["row_var"], state["col_var"]
-        row.mul_(keep2).add_(
-            square.mean(dim=tuple(range(1, g.dim())), keepdim=True), alpha=1 - beta2
-        )
-        col.mul_(keep2).add_(square.mean(dim=0, keepdim=True), alpha=1 - beta2)
-        v_hat = row * col / row.mean().clamp(min=_TINY)
-    else:
-        v_hat = state["exp_avg_sq"].mul_(keep2).add_(square, alpha=1 - beta2).clone()
-    correction = 1.0 - beta2 ** state["step"].clamp(min=1.0)
-    v_hat.div_(correction.to(v_hat.dtype))
-    update = g / (v_hat.sqrt_() + eps)
-    rms = update.square().mean().sqrt()
-    return update.div_(torch.clamp(rms / clip, min=1.0))
+def _col_dims(t: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, t.dim()))
