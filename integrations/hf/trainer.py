@@ -5,7 +5,8 @@ Three public hooks, nothing patched:
 - ``get_optimizer_cls_and_kwargs``: ``optim="emosens"|"emoairy"|"emocats"`` -> the class and
   its arguments; ``Trainer.create_optimizer`` still builds the param groups, so weight decay
   and the no-decay group (biases, norms) are exactly transformers'.
-- ``training_step``: feeds each micro-batch loss to ``opt.add_loss``. ``training_step``
+- ``training_step``: feeds each micro-batch loss to the optimizer (``set_loss`` for the
+  first micro-batch of an optimizer step, ``add_loss`` for the rest). ``training_step``
   returns the loss already divided for gradient accumulation (by the number of micro-batches,
   or by the token count of the whole accumulated batch when the model takes
   ``num_items_in_batch``), so it is multiplied by the number of micro-batches; the optimizer
@@ -69,7 +70,14 @@ class EmoTrainerMixin:
             micro_batches = getattr(
                 self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
             )
-            emo.add_loss(loss * micro_batches)
+            value = loss * micro_batches
+            # The first micro-batch of a window replaces whatever is pending, so losses of a
+            # window whose step never ran (fp16 GradScaler skip) do not leak into the next.
+            if getattr(self, "_emo_window", None) != self.state.global_step:
+                self._emo_window = self.state.global_step
+                emo.set_loss(value)
+            else:
+                emo.add_loss(value)
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

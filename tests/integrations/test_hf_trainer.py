@@ -172,6 +172,27 @@ def test_accumulated_loss_is_mean_of_returned_losses_with_short_last_window(tmp_
     assert spy.losses() == pytest.approx([sum(w) / len(w) for w in windows], rel=1e-5)
 
 
+def test_window_whose_step_never_ran_does_not_leak_into_the_next(tmp_path):
+    """An fp16 GradScaler can skip ``optimizer.step()``; global_step still advances."""
+    forward_log: list[float] = []
+    model = Regression(forward_log)
+    data = RegressionData(8)
+    trainer = EmoTrainer(model=model, args=emo_args(tmp_path, gradient_accumulation_steps=2))
+    optimizer = unwrap(trainer.create_optimizer())
+    batches = [{"x": data.x[i : i + 2], "labels": data.y[i : i + 2]} for i in range(0, 8, 2)]
+    trainer.current_gradient_accumulation_steps = 2
+    for batch in batches[:2]:  # window of step 0, whose step is skipped
+        trainer.training_step(model, batch)
+    trainer.state.global_step += 1
+    model.zero_grad()
+    for batch in batches[2:]:  # window of step 1
+        trainer.training_step(model, batch)
+    optimizer.step()
+    sensed = optimizer.telemetry()["ema_short"]  # first sensed step: the loss itself
+    assert sensed == pytest.approx(sum(forward_log[2:]) / 2, rel=1e-6)
+    assert sensed != pytest.approx(sum(forward_log) / 4, rel=1e-6)
+
+
 def test_emo_optimizer_passed_directly_is_fed_and_logged(tmp_path, recwarn):
     """Plain TrainingArguments + ``optimizers=(EmoSens(...), None)``: same feed and logs."""
     forward_log: list[float] = []
