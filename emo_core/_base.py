@@ -140,9 +140,11 @@ class EmoOptimizer(Optimizer):
             "use_shadow": as_bool("use_shadow", use_shadow),
             **defaults,
         }
-        self._warned_no_loss = False
-        self._pending_sum: Tensor | None = None
-        self._pending_count = 0
+        # Mutable containers, changed in place: framework wrappers such as Lightning's
+        # LightningOptimizer copy this object's __dict__, so rebinding an attribute on the
+        # wrapper would be invisible to the optimizer.
+        self._pending: dict[str, Any] = {"sum": None, "count": 0}
+        self._flags: dict[str, bool] = {"warned_no_loss": False}
         super().__init__(params, defaults)
         device = self._sensor_device()
         self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self.max_lr)
@@ -176,9 +178,8 @@ class EmoOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_warned_no_loss", False)
-        self.__dict__.setdefault("_pending_sum", None)
-        self.__dict__.setdefault("_pending_count", 0)
+        self.__dict__.setdefault("_pending", {"sum": None, "count": 0})
+        self.__dict__.setdefault("_flags", {"warned_no_loss": False})
         for group in self.param_groups:
             group.setdefault("scope", group["lr"])
             group.setdefault("use_shadow", False)
@@ -194,27 +195,31 @@ class EmoOptimizer(Optimizer):
 
     def set_loss(self, loss: float | Tensor) -> None:
         """Set the loss the next ``step()`` senses, replacing anything pending."""
-        self._pending_sum = self._as_loss(loss, "set_loss()")
-        self._pending_count = 1
+        self._pending.update(sum=self._as_loss(loss, "set_loss()"), count=1)
 
     def add_loss(self, loss: float | Tensor) -> None:
         """Add a micro-batch loss; the next ``step()`` senses the mean of those added."""
         value = self._as_loss(loss, "add_loss()")
-        self._pending_sum = value if self._pending_sum is None else self._pending_sum + value
-        self._pending_count += 1
+        pending = self._pending
+        pending["sum"] = value if pending["sum"] is None else pending["sum"] + value
+        pending["count"] += 1
 
-    def _pick_loss(self, explicit: Any, closure_value: Any, has_closure: bool) -> Tensor | None:
+    def _pick_loss(
+        self, explicit: Any, closure_value: Any, has_closure: bool, has_grads: bool
+    ) -> Tensor | None:
         if explicit is not None:
             return self._as_loss(explicit, "step(loss=...)")
-        if self._pending_sum is not None:
-            return self._pending_sum / self._pending_count
+        if self._pending["sum"] is not None:
+            return self._pending["sum"] / self._pending["count"]
         if has_closure:
-            if closure_value is None:
+            if closure_value is None and has_grads:
                 raise TypeError(
-                    "Invalid loss from closure: the closure returned None; return the loss "
-                    "tensor (or pass step(loss=...) / call set_loss())"
+                    "Invalid loss from closure: the closure returned None but there are "
+                    "gradients to apply; return the loss from the closure, or feed it with "
+                    "step(loss=loss) / set_loss(loss) (e.g. in Lightning manual optimization)"
                 )
-            return self._as_loss(closure_value, "closure()")
+            # None with no gradients: a skipped batch (Lightning's training_step -> None).
+            return None if closure_value is None else self._as_loss(closure_value, "closure()")
         return None
 
     # ------------------------------------------------------------------------ step
@@ -231,9 +236,12 @@ class EmoOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure_value = closure()
-        loss_t = self._pick_loss(loss, closure_value, closure is not None)
         work = self._collect()  # raises before anything changes
-        self._pending_sum, self._pending_count = None, 0
+        has_grads = any(work)
+        loss_t = self._pick_loss(loss, closure_value, closure is not None, has_grads)
+        self._pending.update(sum=None, count=0)
+        if loss_t is None and not has_grads and closure is not None:
+            return closure_value  # nothing to sense and nothing to update
 
         sensor = self._sensor
         valid = self._grads_finite(work, sensor["ema_long"].device)
@@ -311,8 +319,8 @@ class EmoOptimizer(Optimizer):
         return torch.isfinite(torch.stack(peaks).amax())
 
     def _warn_no_loss(self) -> None:
-        if not self._warned_no_loss:
-            self._warned_no_loss = True
+        if not self._flags["warned_no_loss"]:
+            self._flags["warned_no_loss"] = True
             warnings.warn(_NO_LOSS_WARNING.format(name=type(self).__name__), stacklevel=3)
 
     def _refresh_effective_lr(self) -> None:

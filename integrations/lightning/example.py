@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["DigitsData", "DigitsMLP", "main"]
 

@@ -111,8 +111,12 @@ def test_bad_loss_raises_and_modifies_nothing(loss, error, pattern: str) -> None
 def test_closure_must_return_a_loss() -> None:
     p = torch.zeros(2, requires_grad=True)
     opt = EmoSens([p])
+    p.grad = torch.ones(2)
     with pytest.raises(TypeError, match=r"closure returned None"):
         opt.step(lambda: None)
+    p.grad = None
+    assert opt.step(lambda: None) is None  # a skipped batch: nothing to sense or apply
+    assert opt.telemetry()["sensed_steps"] == 0
     with pytest.raises(TypeError, match=r"closure\(\).*got dict"):
         opt.step(lambda: {"loss": 1.0})
     with pytest.raises(ValueError, match=r"set_loss\(\)"):
@@ -180,13 +184,34 @@ def test_no_loss_warns_once_and_keeps_the_previous_lr() -> None:
         opt.step()
 
 
+def test_pending_loss_reaches_the_optimizer_through_a_dict_copying_wrapper() -> None:
+    """Lightning's LightningOptimizer copies the optimizer's __dict__ and forwards calls."""
+
+    class Wrapper:
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k != "step"}
+            self.__class__ = type("Wrapped", (Wrapper, type(optimizer)), {})
+            self._optimizer = optimizer
+
+        def step(self, closure=None, **kwargs):
+            return self._optimizer.step(closure, **kwargs)
+
+    p = torch.zeros(2, requires_grad=True)
+    opt = EmoSens([p])
+    wrapped = Wrapper(opt)
+    wrapped.set_loss(2.0)
+    p.grad = torch.ones(2)
+    wrapped.step()
+    assert opt.telemetry()["ema_long"] == pytest.approx(2.0)
+
+
 def test_loss_that_requires_grad_is_detached_and_not_kept_alive() -> None:
     w = torch.ones(3, requires_grad=True)
     opt = EmoSens([w])
     loss = (w * 2).sum()
     loss.backward(retain_graph=True)
     opt.set_loss(loss)
-    pending = opt._pending_sum
+    pending = opt._pending["sum"]
     assert not pending.requires_grad and pending.grad_fn is None
     assert pending.data_ptr() != loss.data_ptr()
     opt.step()

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from emo_lightning import EmoCallback  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from emo_core import EmoAiry, EmoCats, EmoSens  # noqa: E402
+from emo_lightning import EmoCallback  # noqa: E402
 
 SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
 
@@ -228,14 +228,7 @@ class TwoNets(pl.LightningModule):
     [
         "step",
         "inner_set_loss",
-        pytest.param(
-            "set_loss",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="emo_core: set_loss()/add_loss() through LightningOptimizer set the "
-                "pending loss on the wrapper (its __getattr__ forwards reads, not writes)",
-            ),
-        ),
+        "set_loss",
     ],
 )
 def test_manual_optimization_each_optimizer_senses_its_own_loss(feed: str, tmp_path: Path) -> None:

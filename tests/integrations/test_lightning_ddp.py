@@ -26,9 +26,9 @@ N_ACCUMULATE = 2
 def run_ddp(out_dir: Path, sync_loss: bool) -> None:
     """The script: fit on 2 ranks, then every rank saves what it has."""
     import lightning.pytorch as pl
-    from emo_lightning import EmoCallback
 
     from emo_core import EmoSens
+    from emo_lightning import EmoCallback
 
     class Regression(pl.LightningModule):
         def __init__(self) -> None:
