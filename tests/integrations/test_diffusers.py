@@ -1,0 +1,257 @@
+"""emo_diffusers.train_lora_flow: tiny SD3/Flux LoRA runs with real diffusers, peft, accelerate."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from emo_diffusers.conditioning import load_conditioner  # noqa: E402
+from emo_diffusers.data import load_images  # noqa: E402
+from emo_diffusers.lora import LORA_WEIGHT_NAME, load_lora  # noqa: E402
+from emo_diffusers.models import FlowModel, load_transformer  # noqa: E402
+from emo_diffusers.train_lora_flow import (  # noqa: E402
+    build_training,
+    main,
+    parse_args,
+    save_outputs,
+    train,
+    train_step,
+)
+from safetensors.torch import load_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = {
+    "sd3": ROOT / "configs" / "diffusers" / "tiny_sd3_lora.yaml",
+    "flux": ROOT / "configs" / "diffusers" / "tiny_flux_lora.yaml",
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each run here starts from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _argv(model_type: str, out: Path, *extra: str) -> list[str]:
+    """A short run of the shipped config: small batches, few sampling steps, no TensorBoard."""
+    return [
+        "--config",
+        str(CONFIGS[model_type]),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "20",
+        "--train_batch_size",
+        "8",
+        "--checkpointing_steps",
+        "0",
+        "--samples_per_class",
+        "1",
+        "--num_inference_steps",
+        "4",
+        "--report_to",
+        "none",
+        "--disable_progress_bar",
+        *extra,
+    ]
+
+
+def _lora_tensors(out: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(out / LORA_WEIGHT_NAME)
+    weights.update(
+        {f"cond.{k}": v for k, v in load_file(out / "class_conditioner.safetensors").items()}
+    )
+    return weights
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------- arguments
+def test_config_then_command_line(tmp_path: Path) -> None:
+    args = parse_args(["--config", str(CONFIGS["flux"]), "--optimizer", "adamw"])
+    assert args.model_type == "flux"
+    assert args.transformer_config["axes_dims_rope"] == [4, 6, 6]
+    assert args.optimizer == "adamw"  # the command line wins over the YAML
+    assert args.mixed_precision == "bf16" and args.stochastic_rounding is True
+    assert parse_args(["--no-stochastic_rounding"]).stochastic_rounding is False
+
+
+def test_unknown_optimizer_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--optimizer", "sgd"])
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "emosens" in err and "prodigy" in err
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("optimizer: sgd\n", "invalid choice: 'sgd'"),
+        ("learning_rat: 1.0\n", "unknown key 'learning_rat'"),
+        ("stochastic_rounding: 'False'\n", "stochastic_rounding must be true or false"),
+    ],
+)
+def test_bad_config_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], yaml_text: str, message: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config)])
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- short runs
+@pytest.mark.parametrize("model_type", ["sd3", "flux"])
+def test_bf16_run_trains_only_lora_and_reloads(tmp_path: Path, model_type: str) -> None:
+    out = tmp_path / model_type
+    extra = ("--report_to", "tensorboard") if model_type == "sd3" else ()
+    setup = build_training(parse_args(_argv(model_type, out, *extra)))
+    model = setup.accelerator.unwrap_model(setup.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    summary = train(setup)
+    paths = save_outputs(setup)
+    setup.accelerator.end_training()
+
+    assert summary["steps"] == 20 and summary["all_finite"]
+    lora_changed = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert param.dtype == torch.bfloat16, name  # LoRA stays bf16 in bf16 mode
+            lora_changed += not torch.equal(param, before[name])
+        elif name.startswith("transformer."):
+            assert torch.equal(param, before[name]), f"base weight {name} changed"
+    n_lora = sum("lora_" in n for n in before)
+    assert lora_changed >= n_lora // 2, f"only {lora_changed}/{n_lora} LoRA tensors moved"
+    assert not torch.equal(model.conditioner.tokens.weight, before["conditioner.tokens.weight"])
+    # The frozen base is bitwise the "pretrained" model on disk.
+    _, base = load_transformer(out / "base_model", torch.bfloat16)
+    for name, param in base.named_parameters():
+        assert torch.equal(param, model.transformer.get_parameter(name)), name
+
+    for key in ("lora", "conditioner", "samples", "curve"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0, key
+    if extra:
+        assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+
+    # A fresh base + the saved LoRA and conditioner reproduce the trained model.
+    _, fresh = load_transformer(out / "base_model", torch.bfloat16)
+    load_lora(fresh, out)
+    reloaded = FlowModel(fresh, load_conditioner(out), model_type)
+    latents = torch.randn(4, model.latent_channels, 8, 8)
+    timesteps, labels = torch.tensor([900.0, 500.0, 100.0, 10.0]), torch.tensor([0, 3, 7, 9])
+    with torch.no_grad():
+        assert torch.equal(reloaded(latents, timesteps, labels), model(latents, timesteps, labels))
+
+
+# fp32: the issue's 20 steps with a checkpoint at 10; bf16 (slow on CPUs) a shorter 8 / 4.
+@pytest.mark.parametrize(("precision", "steps"), [("no", 20), ("bf16", 8)])
+def test_resume_equals_uninterrupted_run(tmp_path: Path, precision: str, steps: int) -> None:
+    half = str(steps // 2)
+    common = ("--mixed_precision", precision, "--checkpointing_steps", half)
+    argv = _argv("sd3", tmp_path, *common, "--max_train_steps", str(steps))
+    uninterrupted = main(argv)
+    expected = _lora_tensors(tmp_path)
+    shutil.rmtree(tmp_path / f"checkpoint-{steps}")
+    for name in (LORA_WEIGHT_NAME, "class_conditioner.safetensors"):
+        (tmp_path / name).unlink()
+
+    resumed = main([*argv, "--resume_from_checkpoint", "latest"])  # from the middle
+
+    _assert_bitwise_equal(_lora_tensors(tmp_path), expected)
+    assert resumed["steps"] == steps
+    assert resumed["final_loss"] == uninterrupted["final_loss"]  # history restored, same losses
+    if precision == "bf16":  # a new run, same seed: stochastic rounding draws the same bits
+        again = tmp_path / "again"
+        base = ("--base_model_dir", str(tmp_path / "base_model"))
+        main(_argv("sd3", again, *common, *base, "--max_train_steps", half))
+        _assert_bitwise_equal(
+            load_file(again / f"checkpoint-{half}" / "model.safetensors"),
+            load_file(tmp_path / f"checkpoint-{half}" / "model.safetensors"),
+        )
+
+
+def test_emo_optimizer_senses_mean_of_accumulated_losses(tmp_path: Path) -> None:
+    argv = _argv("sd3", tmp_path, "--mixed_precision", "no", "--gradient_accumulation_steps", "2")
+    setup = build_training(parse_args(argv))
+    emo = setup.emo
+    first = train_step(setup, 0)
+    assert emo.telemetry()["sensed_steps"] == 0  # no optimizer step after one micro-batch
+    second = train_step(setup, 1)
+    telemetry = emo.telemetry()
+    assert telemetry["sensed_steps"] == 1 and telemetry["step"] == 1
+    # The first sensed loss initialises the EMAs: it is the mean of the two micro-batches.
+    assert telemetry["ema_long"] == pytest.approx(float((first + second) / 2), rel=1e-6)
+    assert first != second
+
+
+@pytest.mark.parametrize("name", ["emosens", "emoairy", "emocats", "adamw", "prodigy"])
+def test_every_optimizer_choice_trains(tmp_path: Path, name: str) -> None:
+    argv = _argv("sd3", tmp_path, "--mixed_precision", "no", "--optimizer", name)
+    setup = build_training(parse_args([*argv, "--train_batch_size", "4"]))
+    model = setup.accelerator.unwrap_model(setup.model)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    losses = [train_step(setup, i) for i in range(2)]
+    assert all(torch.isfinite(v) for v in losses)
+    # The last SD3 block drops the text stream, so its text-query LoRA gets no gradient.
+    dead = "transformer_blocks.1.attn.add_q_proj"
+    moved = {n: not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora}
+    assert all(v for n, v in moved.items() if dead not in n)
+    assert not any(v for n, v in moved.items() if dead in n)
+    assert (setup.emo is not None) == name.startswith("emo")
+
+
+def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    data = tmp_path / "shapes"
+    for label, shape in enumerate(("square", "disc")):
+        (data / shape).mkdir(parents=True)
+        for i in range(3):
+            img = Image.new("RGB", (24, 24), "black")
+            box = (3 + i, 3 + i, 18 + i, 18 + i)
+            draw = ImageDraw.Draw(img)
+            (draw.rectangle if label == 0 else draw.ellipse)(box, fill=(255, 200, 50))
+            img.save(data / shape / f"{i}.png")
+    out = tmp_path / "out"
+    summary = main(
+        _argv(
+            "sd3",
+            out,
+            "--train_data_dir",
+            str(data),
+            "--train_batch_size",
+            "4",
+            "--max_train_steps",
+            "3",
+            "--mixed_precision",
+            "no",
+        )
+    )
+    assert summary["all_finite"] and summary["steps"] == 3
+    assert load_conditioner(out).num_classes == 2
+    with Image.open(out / "samples.png") as grid:  # 2 classes x 1 sample of 16 px, 1 px gaps, x4
+        assert grid.size == ((2 * 17 + 1) * 4, (1 * 17 + 1) * 4)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        load_images(16, 1, empty)
