@@ -71,6 +71,11 @@ class Bucket:
         """``beta`` on a valid step and 1 on a skipped one: ``state * decay`` keeps the state."""
         return torch.where(self.valid, beta, 1.0).to(self.lr.dtype)
 
+    def blend(self, weight: float) -> list[Tensor]:
+        """``weight`` on a valid step and 0 on a skipped one, as a per-tensor list for
+        ``torch._foreach_lerp_`` (a 0-dim tensor weight there would be read on the host)."""
+        return [(self.valid * weight).to(self.lr.dtype)] * len(self.params)
+
     def step_lr(self) -> Tensor:
         """The effective LR on a valid step and 0 on a skipped one."""
         return self.lr * self.valid

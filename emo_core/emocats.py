@@ -109,5 +109,4 @@ def _foreach_emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay
     torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
     torch._foreach_mul_(direction, lr)
     torch._foreach_sub_(bucket.params, direction)
-    torch._foreach_mul_(exp_avgs, bucket.decay(beta2))
-    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)
+    torch._foreach_lerp_(exp_avgs, grads, bucket.blend(1.0 - beta2))

@@ -166,8 +166,7 @@ def _foreach_emosens(
     lr = bucket.step_lr()
     grads = bucket.masked_grads()
     exp_avgs, exp_avg_sqs = bucket.states["exp_avg"], bucket.states["exp_avg_sq"]
-    torch._foreach_mul_(exp_avgs, bucket.decay(beta1))
-    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_lerp_(exp_avgs, grads, bucket.blend(1.0 - beta1))
     torch._foreach_mul_(exp_avg_sqs, bucket.decay(beta2))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
