@@ -26,7 +26,7 @@ __all__ = [
     "quality_contenders",
 ]
 
-ADAMW_SWEEP = (3e-4, 1e-3, 3e-3, 1e-2)
+ADAMW_SWEEP = (1e-3, 3e-3, 1e-2, 3e-2)
 """The AdamW learning-rate sweep; "tuned AdamW" is the best of these per workload."""
 ADAMW_DEFAULT_LR = 1e-3
 

@@ -55,7 +55,7 @@ class Layout:
 
 def layouts(quick: bool = False) -> list[Layout]:
     """(a) a dense model of a few big Linear weights, (b) LoRA-like: 400 small tensors."""
-    width = 1280 if quick else 2560
+    width = 1024 if quick else 2560
     dense = Layout("dense", f"Dense: 4 Linear weights {width}x{width}", ((width, width),) * 4)
     rank, dim = 8, 1024
     lora = Layout(
@@ -209,9 +209,9 @@ def run_speed(
     device = device or torch.device("cpu")
     entries = entries or speed_entries(quick, device)
     chosen_layouts = chosen_layouts or layouts(quick)
-    warmup = warmup if warmup is not None else (2 if quick else 3)
+    warmup = warmup if warmup is not None else (1 if quick else 3)
     repeats = repeats if repeats is not None else (5 if quick else 9)
-    steps = steps if steps is not None else (3 if quick else 5)
+    steps = steps if steps is not None else (2 if quick else 5)
     results: list[dict[str, Any]] = []
     total = len(chosen_layouts) * len(entries) * (repeats + 1)
     bar = tqdm(total=total, desc="speed", unit="block", disable=not progress)
