@@ -32,7 +32,7 @@ from .distributed import all_reduce_loss_, local_shard
 from .precision import LOW_PRECISION, copy_stochastic_, default_state_dtype
 from .pulse import init_sensor_state, pulse_update
 
-__all__ = ["Bucket", "EmoOptimizer"]
+__all__ = ["COMMON_OPTIONS", "Bucket", "EmoOptimizer", "common_options"]
 
 SENSOR_STATE_KEY = "emo_pulse"
 META_STATE_KEY = "emo_meta"
@@ -79,6 +79,28 @@ class Bucket:
     def step_lr(self) -> Tensor:
         """The effective LR on a valid step and 0 on a skipped one."""
         return self.lr * self.valid
+
+
+COMMON_OPTIONS = (
+    "lr",
+    "weight_decay",
+    "use_shadow",
+    "min_lr",
+    "max_lr",
+    "sync_loss",
+    "process_group",
+    "state_dtype",
+    "stochastic_rounding",
+    "foreach",
+    "writer",
+    "log_every",
+)
+"""Constructor arguments every Emo optimizer takes and hands to :class:`EmoOptimizer`."""
+
+
+def common_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`COMMON_OPTIONS` out of a constructor's ``locals()``."""
+    return {name: arguments[name] for name in COMMON_OPTIONS}
 
 
 class EmoOptimizer(Optimizer):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer
+from ._base import Bucket, EmoOptimizer, common_options
 from ._validation import check_range
 
 __all__ = ["EmoAiry", "emoairy"]
@@ -64,18 +64,7 @@ class EmoAiry(EmoOptimizer):
         super().__init__(
             params,
             {"beta2": beta2, "eps": eps, "clip_threshold": clip_threshold},
-            lr=lr,
-            weight_decay=weight_decay,
-            use_shadow=use_shadow,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            sync_loss=sync_loss,
-            process_group=process_group,
-            state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding,
-            foreach=foreach,
-            writer=writer,
-            log_every=log_every,
+            **common_options(locals()),
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -163,8 +152,8 @@ def _foreach_emoairy(
             torch._foreach_mul_(stat, keep2)
             torch._foreach_add_(stat, mean, alpha=1 - beta2)
         # mean(R) via the 1-norm (R >= 0), one multi-tensor reduction for all rows.
-        row_avg = torch._foreach_norm(rows, 1)
-        torch._foreach_mul_(row_avg, [1.0 / r.numel() for r in rows])
+        # Out of place: a DTensor (FSDP2) norm is a pending partial sum that in-place ops reject.
+        row_avg = torch._foreach_mul(torch._foreach_norm(rows, 1), [1.0 / r.numel() for r in rows])
         torch._foreach_clamp_min_(row_avg, _TINY)
         products = torch._foreach_mul(rows, cols)
         torch._foreach_div_(products, row_avg)
@@ -186,8 +175,9 @@ def _foreach_emoairy(
     torch._foreach_add_(v_hat, eps)
     updates = torch._foreach_div(grads, v_hat)
     # RMS clip: rms = ||u||_2 / sqrt(n); divide by max(1, rms / clip).
-    scales = torch._foreach_norm(updates, 2)
-    torch._foreach_mul_(scales, [1.0 / (clip * u.numel() ** 0.5) for u in updates])
+    scales = torch._foreach_mul(
+        torch._foreach_norm(updates, 2), [1.0 / (clip * u.numel() ** 0.5) for u in updates]
+    )
     torch._foreach_clamp_min_(scales, 1.0)
     torch._foreach_div_(updates, scales)
     torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer
+from ._base import Bucket, EmoOptimizer, common_options
 from ._validation import check_betas
 
 __all__ = ["EmoCats", "emocats"]
@@ -52,22 +52,7 @@ class EmoCats(EmoOptimizer):
         writer: Any | None = None,
         log_every: int = 1,
     ) -> None:
-        super().__init__(
-            params,
-            {"betas": betas},
-            lr=lr,
-            weight_decay=weight_decay,
-            use_shadow=use_shadow,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            sync_loss=sync_loss,
-            process_group=process_group,
-            state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding,
-            foreach=foreach,
-            writer=writer,
-            log_every=log_every,
-        )
+        super().__init__(params, {"betas": betas}, **common_options(locals()))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

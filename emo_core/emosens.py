@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer
+from ._base import Bucket, EmoOptimizer, common_options
 from ._validation import as_bool, check_betas, check_range
 
 __all__ = ["EmoSens", "emosens"]
@@ -80,22 +80,7 @@ class EmoSens(EmoOptimizer):
         self.fused = as_bool("fused", fused, allow_none=True)
         if self.fused and foreach:
             raise ValueError("Invalid foreach/fused: choose one of foreach=True and fused=True")
-        super().__init__(
-            params,
-            {"betas": betas, "eps": eps},
-            lr=lr,
-            weight_decay=weight_decay,
-            use_shadow=use_shadow,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            sync_loss=sync_loss,
-            process_group=process_group,
-            state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding,
-            foreach=foreach,
-            writer=writer,
-            log_every=log_every,
-        )
+        super().__init__(params, {"betas": betas, "eps": eps}, **common_options(locals()))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

@@ -10,12 +10,12 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from emo_hf import EmoTrainer, EmoTrainingArguments, parse_optim_args  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
 from transformers.training_args import OptimizerNames  # noqa: E402
 
 from emo_core import EmoAiry, EmoCats, EmoSens, unwrap  # noqa: E402
+from emo_hf import EmoTrainer, EmoTrainingArguments, parse_optim_args  # noqa: E402
 
 EMO = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
 

@@ -16,10 +16,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from emo_hf.train import main, parse_args  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from emo_core import unwrap  # noqa: E402
+from emo_hf.train import main, parse_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "hf").glob("*.json"))
@@ -30,13 +30,6 @@ TINY = [
     "--save_strategy", "no", "--dataloader_pin_memory", "false", "--lr_scheduler_type", "constant",
 ]  # fmt: skip
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(

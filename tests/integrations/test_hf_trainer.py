@@ -11,24 +11,16 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from emo_hf import EmoTrainer, EmoTrainingArguments  # noqa: E402
-from emo_hf.data import build_byte_tokenizer, split_blocks, stdlib_text  # noqa: E402
-from emo_hf.train import ModelArguments, build_model  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from emo_core import EmoSens, unwrap  # noqa: E402
+from emo_hf import EmoTrainer, EmoTrainingArguments  # noqa: E402
+from emo_hf.data import build_byte_tokenizer, split_blocks, stdlib_text  # noqa: E402
+from emo_hf.train import ModelArguments, build_model  # noqa: E402
 
 BLOCK = 32
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

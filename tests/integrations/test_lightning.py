@@ -33,14 +33,6 @@ from emo_lightning import EmoCallback  # noqa: E402
 SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest, and least disturbed by other jobs, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------- helpers
 def regression_data(n: int, seed: int = 0) -> TensorDataset:
