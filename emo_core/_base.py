@@ -34,6 +34,11 @@ from .pulse import init_sensor_state, pulse_update
 
 __all__ = ["COMMON_OPTIONS", "Bucket", "EmoOptimizer", "common_options"]
 
+_REAL_DTYPE = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
 SENSOR_STATE_KEY = "emo_pulse"
 META_STATE_KEY = "emo_meta"
 
@@ -367,7 +372,9 @@ class EmoOptimizer(Optimizer):
         for _, p in params:
             buckets.setdefault((p.device, p.dtype), []).append(p)
         for (device, dtype), originals in buckets.items():
-            dtype = dtype.to_real()  # complex parameters are updated as pairs of reals
+            # Complex parameters are updated as pairs of reals (a dict, as torch.compile cannot
+            # trace dtype.to_real()).
+            dtype = _REAL_DTYPE.get(dtype, dtype)
             compute_dtype = default_state_dtype(dtype, self.state_dtype)
             if compute_dtype in LOW_PRECISION:
                 compute_dtype = torch.float32  # state may be stored low, math is fp32

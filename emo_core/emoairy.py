@@ -166,7 +166,9 @@ def _foreach_emoairy(
         for i, value in zip(full, torch._foreach_mul(moments, 1.0)):
             v_hat[i] = value
     steps = states["step"]
-    torch._foreach_add_(steps, bucket.valid.to(torch.float32))
+    # A list of 0-dim tensors, not one: torch.compile reads the scalar-tensor overload on
+    # the host (a graph break).
+    torch._foreach_add_(steps, [bucket.valid.to(torch.float32)] * len(steps))
     corrections = torch._foreach_pow(beta2, torch._foreach_clamp_min(steps, 1.0))
     torch._foreach_neg_(corrections)
     torch._foreach_add_(corrections, 1.0)
