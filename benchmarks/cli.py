@@ -15,7 +15,8 @@ JSON fields (non-finite numbers are ``null``):
 
 - quality: ``command`` ("quality"), ``settings`` (``command``, ``quick``, ``seeds``,
   ``steps`` per workload, ``adamw_sweep``, ``device``, ``wall_s``), ``machine`` (``cpu``,
-  ``cores``, ``torch_threads``, ``torch``, ``python``, ``os``, ``device``[, ``gpu``]),
+  ``cores``, ``torch_threads``, ``torch``, ``python``, ``os``, ``device``, ``emo`` (version
+  and git commit), ``load_avg``[, ``gpu``]),
   ``results``: one object per (workload, optimizer) with ``workload``, ``optimizer``,
   ``family``, ``lr``, ``metric``, ``higher_is_better``, ``mean``, ``std``, ``values`` (per
   seed), ``diverged`` (count), ``seeds``, ``wall_s`` (per run), ``lr_min``, ``lr_max``,

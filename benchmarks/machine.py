@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -30,9 +32,40 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe_machine(device: torch.device) -> dict[str, str | int]:
-    """A small dict that names the hardware and software a result was measured on."""
-    info: dict[str, str | int] = {
+def _source_revision() -> str:
+    """``git`` commit of the checkout the benchmark runs from, ``+dirty`` if edited."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "emo_core"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
+
+
+def describe_machine(device: torch.device) -> dict[str, str | int | float]:
+    """A small dict that names the hardware and software a result was measured on.
+
+    ``load_avg`` is the 1-minute load average when the benchmark finished: on a shared
+    machine it says how much other work competed for the cores.
+    """
+    import emo_core
+
+    info: dict[str, str | int | float] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 1,
         "torch_threads": torch.get_num_threads(),
@@ -40,6 +73,8 @@ def describe_machine(device: torch.device) -> dict[str, str | int]:
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
         "device": str(device),
+        "emo": f"{emo_core.__version__} ({_source_revision()})",
+        "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else -1.0,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -51,5 +86,6 @@ def machine_line(info: dict[str, str | int]) -> str:
     where = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores"
     return (
         f"{where}; device `{info['device']}`, torch {info['torch']} "
-        f"({info['torch_threads']} threads), Python {info['python']}, {info['os']}"
+        f"({info['torch_threads']} threads), Python {info['python']}, {info['os']}; "
+        f"emo {info['emo']}; 1-min load average {info['load_avg']} at the end"
     )

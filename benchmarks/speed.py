@@ -1,8 +1,9 @@
 """``emo-bench speed``: optimizer step time, state bytes and host syncs on fixed layouts.
 
-Only ``opt.step()`` is timed: every optimizer steps the same parameters with the same fixed
-gradients (Emo optimizers also get a loss from a fixed trace), after a warm-up that
-allocates state. The optimizers are interleaved round-robin, ``repeats`` times, and each
+Only ``opt.step()`` is timed: every optimizer steps its own copy of the same parameters
+with the same gradients, restored before each timed block because some optimizers (e.g.
+Schedule-Free) write into ``p.grad`` (Emo optimizers also get a loss from a fixed trace),
+after a warm-up that allocates state. The optimizers are interleaved round-robin, ``repeats`` times, and each
 reports the median time per step, so a burst of load on a shared machine hits all of them
 alike. Ratios are against torch's AdamW (fused, foreach, for-loop) from the same run.
 """
@@ -129,6 +130,20 @@ def make_params(layout: Layout, device: torch.device, seed: int = 0) -> list[Ten
     return params
 
 
+def _copy_params(master: list[Tensor]) -> list[Tensor]:
+    params = []
+    for m in master:
+        p = torch.nn.Parameter(m.detach().clone())
+        p.grad = m.grad.clone()
+        params.append(p)
+    return params
+
+
+@torch.no_grad()
+def _reset_grads(params: list[Tensor], master: list[Tensor]) -> None:
+    torch._foreach_copy_([p.grad for p in params], [m.grad for m in master])
+
+
 class _Stepper:
     """Calls ``step`` the way a training loop would (Emo: with this step's loss tensor)."""
 
@@ -216,22 +231,24 @@ def run_speed(
     total = len(chosen_layouts) * len(entries) * (repeats + 1)
     bar = tqdm(total=total, desc="speed", unit="block", disable=not progress)
     for layout in chosen_layouts:
-        params = make_params(layout, device)
-        numel = sum(p.numel() for p in params)
+        master = make_params(layout, device)
+        numel = sum(p.numel() for p in master)
         built = []
         for entry in entries:
             bar.set_postfix_str(f"{layout.name} · {entry.name} · warm-up")
+            params = _copy_params(master)  # own copy: some optimizers write into p.grad
             opt = entry.build(params)
             stepper = _Stepper(opt, device)
             for _ in range(warmup):
                 stepper()
             syncs, reads = count_syncs(stepper, opt)
-            built.append((entry, opt, stepper, syncs, reads, state_bytes(opt)))
+            built.append((entry, params, stepper, syncs, reads, state_bytes(opt)))
             bar.update()
         times: dict[str, list[float]] = {e.name: [] for e in entries}
         for r in range(repeats):
-            for entry, _, stepper, *_ in built:
+            for entry, params, stepper, *_ in built:
                 bar.set_postfix_str(f"{layout.name} · {entry.name} · repeat {r + 1}")
+                _reset_grads(params, master)  # untimed: every block sees the same gradients
                 times[entry.name].append(_time_block(stepper, steps, device))
                 bar.update()
         medians = {name: statistics.median(ts) for name, ts in times.items()}
@@ -252,7 +269,7 @@ def run_speed(
                     "reads_per_step": reads,
                 }
             )
-        del built, params
+        del built, master
         gc.collect()
     bar.close()
     return {

@@ -40,9 +40,17 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
         doc["settings"]
     )
     assert doc["settings"]["steps"] == {"quadratic": 5, "digits": 5}
-    assert {"cpu", "cores", "torch_threads", "torch", "python", "os", "device"} <= set(
-        doc["machine"]
-    )
+    assert {
+        "cpu",
+        "cores",
+        "torch_threads",
+        "torch",
+        "python",
+        "os",
+        "device",
+        "emo",
+        "load_avg",
+    } <= set(doc["machine"])
     names = {(r["workload"], r["optimizer"]) for r in doc["results"]}
     assert len(names) == 2 * 6  # EmoSens, 4 AdamW lrs, Schedule-Free
     fields = {
