@@ -15,7 +15,8 @@ Reads like diffusers' ``train_dreambooth_lora_sd3.py``, in small pieces, and run
   updates stochastically), accelerate for precision, accumulation and checkpoints;
 * outputs in ``--output_dir``: ``pytorch_lora_weights.safetensors`` (diffusers format),
   ``class_conditioner.safetensors``, ``samples.png``, ``loss_lr.png``, ``metrics.json``,
-  TensorBoard logs under ``logs/``, and ``checkpoint-<step>/`` folders.
+  TensorBoard logs under ``logs/``, and ``checkpoint-<step>/`` folders (trainable weights,
+  optimizer with its loss statistics, LR schedule, RNG, loss history; ``checkpointing.py``).
 
 Every micro-batch's data, noise and timesteps are drawn from ``(seed, micro-batch index)``,
 so ``--resume_from_checkpoint`` continues exactly where the saved run was.
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from emo_core import log_metrics, unwrap
 
+from .checkpointing import register_trainable_checkpointing
 from .conditioning import ClassConditioner, save_conditioner
 from .data import BatchOrder, ImageSet, PixelCodec, class_names, load_images
 from .flow_matching import (
@@ -112,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--lora_layers",
         default=",".join(DEFAULT_TARGET_MODULES),
-        help="Comma-separated module names to adapt.",
+        help="Comma-separated module names to adapt (a list in YAML). Default: the attention "
+        "projections.",
     )
     g = p.add_argument_group("data")
     g.add_argument("--train_data_dir", default=None, help="Image folder; default sklearn digits.")
@@ -177,6 +180,8 @@ def _load_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
             not isinstance(value, bool)
         ):
             parser.error(f"--config {path!r}: {key} must be true or false, got {value!r}")
+    if isinstance(data.get("lora_layers"), list):  # a YAML list of module names
+        data["lora_layers"] = ",".join(map(str, data["lora_layers"]))
     return data
 
 
@@ -290,9 +295,8 @@ def build_data(args: argparse.Namespace, latent_channels: int) -> tuple[ImageSet
 
 
 def build_training(args: argparse.Namespace) -> TrainingSetup:
-    """Accelerator, model, data, optimizer and LR schedule, prepared; resumes if asked."""
+    """Accelerator, model, data, optimizer and LR schedule, prepared (``train`` resumes)."""
     from accelerate.utils import set_seed
-
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
 
@@ -319,6 +323,7 @@ def build_training(args: argparse.Namespace) -> TrainingSetup:
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    register_trainable_checkpointing(accelerator)
     history = TrainHistory()
     accelerator.register_for_checkpointing(history)
     device = accelerator.device
@@ -369,7 +374,8 @@ def train_step(setup: TrainingSetup, micro_batch: int) -> Tensor:
         generator=generator,
         device=x0.device,
     )
-    sigmas, timesteps = sigmas_from_density(u, setup.schedule_sigmas, 1000)
+    num_train_timesteps = setup.scheduler_config["num_train_timesteps"]
+    sigmas, timesteps = sigmas_from_density(u, setup.schedule_sigmas, num_train_timesteps)
     noisy = add_noise(x0, noise, sigmas)  # z_t = (1 - sigma) * x0 + sigma * noise
     with accelerator.accumulate(setup.model):
         prediction = setup.model(noisy, timesteps, labels)

@@ -12,6 +12,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
+from safetensors.torch import load_file  # noqa: E402
+
 from emo_diffusers.conditioning import load_conditioner  # noqa: E402
 from emo_diffusers.data import load_images  # noqa: E402
 from emo_diffusers.lora import LORA_WEIGHT_NAME, load_lora  # noqa: E402
@@ -24,7 +26,6 @@ from emo_diffusers.train_lora_flow import (  # noqa: E402
     train,
     train_step,
 )
-from safetensors.torch import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {
@@ -170,6 +171,8 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, precision: str, steps: 
     argv = _argv("sd3", tmp_path, *common, "--max_train_steps", str(steps))
     uninterrupted = main(argv)
     expected = _lora_tensors(tmp_path)
+    checkpoint = load_file(tmp_path / f"checkpoint-{half}" / "trainable_0.safetensors")
+    assert checkpoint and all("lora_" in k or k.startswith("conditioner.") for k in checkpoint)
     shutil.rmtree(tmp_path / f"checkpoint-{steps}")
     for name in (LORA_WEIGHT_NAME, "class_conditioner.safetensors"):
         (tmp_path / name).unlink()
@@ -184,8 +187,8 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, precision: str, steps: 
         base = ("--base_model_dir", str(tmp_path / "base_model"))
         main(_argv("sd3", again, *common, *base, "--max_train_steps", half))
         _assert_bitwise_equal(
-            load_file(again / f"checkpoint-{half}" / "model.safetensors"),
-            load_file(tmp_path / f"checkpoint-{half}" / "model.safetensors"),
+            load_file(again / f"checkpoint-{half}" / "trainable_0.safetensors"),
+            load_file(tmp_path / f"checkpoint-{half}" / "trainable_0.safetensors"),
         )
 
 

@@ -12,6 +12,7 @@ from diffusers.training_utils import (  # noqa: E402
     compute_density_for_timestep_sampling,
     compute_loss_weighting_for_sd3,
 )
+
 from emo_diffusers.flow_matching import (  # noqa: E402
     WEIGHTING_SCHEMES,
     add_noise,
