@@ -180,7 +180,10 @@ class EmoOptimizer(Optimizer):
         super().__init__(params, defaults)
         device = self._sensor_device()
         self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self.max_lr)
-        self.state[META_STATE_KEY] = {"steps": 0, "seed": random.Random().randrange(2**62)}
+        self.state[META_STATE_KEY] = {
+            "steps": _step_count(0),
+            "seed": random.Random().randrange(2**62),
+        }
         self._refresh_effective_lr()
 
     # ----------------------------------------------------------------- construction
@@ -304,8 +307,10 @@ class EmoOptimizer(Optimizer):
         for group, params in zip(self.param_groups, work):
             if params:
                 self._step_group(group, params, valid, meta)
-        if self.writer is not None and meta["steps"] % self.log_every == 0:
-            self._log(meta["steps"])
+        if self.writer is not None:
+            steps = int(meta["steps"])
+            if steps % self.log_every == 0:
+                self._log(steps)
         return closure_value
 
     def _collect(self) -> list[list[tuple[int, Tensor]]]:
@@ -366,7 +371,7 @@ class EmoOptimizer(Optimizer):
         group: dict[str, Any],
         params: list[tuple[int, Tensor]],
         valid: Tensor,
-        meta: dict[str, int],
+        meta: dict[str, Any],
     ) -> None:
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for _, p in params:
@@ -444,7 +449,7 @@ class EmoOptimizer(Optimizer):
         param_copies: list[tuple[Tensor, Tensor]],
         state_copies: list[tuple[Tensor, Tensor]],
         device: torch.device,
-        meta: dict[str, int],
+        meta: dict[str, Any],
     ) -> None:
         """Copy compute-dtype results back into low-precision parameters and state."""
         generator = None
@@ -452,7 +457,7 @@ class EmoOptimizer(Optimizer):
             if target.dtype == torch.bfloat16 and self.stochastic_rounding is not False:
                 if generator is None:
                     generator = torch.Generator(device=device)
-                    generator.manual_seed((meta["seed"] + meta["steps"]) % (2**63))
+                    generator.manual_seed((meta["seed"] + int(meta["steps"])) % (2**63))
                 copy_stochastic_(target, work, generator)
             else:
                 target.copy_(work)
@@ -541,8 +546,9 @@ class EmoOptimizer(Optimizer):
                 else fresh[key]
                 for key in fresh
             }
-        meta = incoming.get(META_STATE_KEY)
-        self.state[META_STATE_KEY] = dict(meta) if meta else {"steps": 0, "seed": 0}
+        meta = dict(incoming.get(META_STATE_KEY) or {"seed": 0})
+        meta["steps"] = _step_count(meta.get("steps", 0))  # also reads int counts
+        self.state[META_STATE_KEY] = meta
         for group in self.param_groups:
             group.setdefault("scope", group["lr"])
         self._refresh_effective_lr()
@@ -567,3 +573,12 @@ def _as_compute(
     if copies is not None:
         copies.append((t, work))
     return work
+
+
+def _step_count(value: int | Tensor) -> Tensor:
+    """The optimizer's step count as a CPU int64 tensor, not an int.
+
+    torch.compile specialises on ints kept in dicts and would recompile every step; a CPU
+    tensor is advanced in place inside the graph, and reading it is no device sync.
+    """
+    return torch.tensor(int(value), dtype=torch.int64)
