@@ -105,8 +105,10 @@ class EmoSens(EmoOptimizer):
                     "torch's fused AdamW kernel; use fused=None to fall back automatically"
                 )
             return "fused"
+        # Under torch.compile the multi-tensor path is traced (and fused by the compiler):
+        # _fused_adamw_ with a tensor lr has no fake-tensor kernel to trace.
         if self.fused is None and self.foreach is None and fusable:
-            return "fused"
+            return "foreach" if torch.compiler.is_compiling() else "fused"
         return super()._pick_impl(params, compute_dtype)
 
     def _update(self, bucket: Bucket) -> None:
