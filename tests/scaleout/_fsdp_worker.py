@@ -120,6 +120,15 @@ def nonfinite_shard(name: str, mesh: DeviceMesh) -> dict[str, Any]:
     return {"unchanged": max_diff(list(model.parameters()), before) == 0.0, "skipped": skipped}
 
 
+def materialize_state(opt: torch.optim.Optimizer) -> None:
+    """Create the lazy per-parameter state with one zero-gradient step (the load overwrites it)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step(loss=0.0)
+    opt.zero_grad()
+
+
 def dcp_resume(name: str, mesh: DeviceMesh, path: str) -> dict[str, Any]:
     """Save model + ``opt.state_dict()`` with DCP mid-run; the resumed run must be bitwise equal."""
     cls = OPTIMIZERS[name]
@@ -131,7 +140,7 @@ def dcp_resume(name: str, mesh: DeviceMesh, path: str) -> dict[str, Any]:
 
     resumed = shard(make_model(), mesh)
     resumed_opt = cls(resumed.parameters())
-    train(resumed, resumed_opt, range(100, 101))  # DCP loads in place: materialise the state
+    materialize_state(resumed_opt)  # DCP loads in place: the state must exist first
     state = {"model": resumed.state_dict(), "optim": resumed_opt.state_dict()}
     dcp.load(state, checkpoint_id=path)
     resumed.load_state_dict(state["model"])
