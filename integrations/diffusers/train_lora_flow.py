@@ -14,7 +14,8 @@ Reads like diffusers' ``train_dreambooth_lora_sd3.py``, in small pieces, and run
   weights in bf16 with ``--mixed_precision bf16`` (Emo keeps fp32 state and rounds bf16
   updates stochastically), accelerate for precision, accumulation and checkpoints;
 * outputs in ``--output_dir``: ``pytorch_lora_weights.safetensors`` (diffusers format),
-  ``class_conditioner.safetensors``, ``samples.png``, ``loss_lr.png``, ``metrics.json``,
+  ``class_conditioner.safetensors``, ``samples.png``, ``loss_lr.png``, ``history.json``
+  (per-step loss, LR, seconds), ``metrics.json`` (summary),
   TensorBoard logs under ``logs/``, and ``checkpoint-<step>/`` folders (trainable weights,
   optimizer with its loss statistics, LR schedule, RNG, loss history; ``checkpointing.py``).
 
@@ -480,7 +481,7 @@ def train(setup: TrainingSetup) -> dict[str, Any]:
 
 
 def save_outputs(setup: TrainingSetup) -> dict[str, Path]:
-    """LoRA + conditioner weights, sample grid and loss/LR curve (main process only)."""
+    """LoRA + conditioner weights, sample grid, loss/LR curve and its data (main process only)."""
     args, accelerator = setup.args, setup.accelerator
     output_dir = Path(args.output_dir)
     model: FlowModel = accelerator.unwrap_model(setup.model)
@@ -503,6 +504,8 @@ def save_outputs(setup: TrainingSetup) -> dict[str, Path]:
     paths["samples"] = save_grid(images, output_dir / "samples.png", setup.num_classes)
     title = f"{setup.model_type} LoRA, {args.optimizer}, {args.mixed_precision}"
     paths["curve"] = setup.history.plot(output_dir / "loss_lr.png", title=title)
+    paths["history"] = output_dir / "history.json"
+    paths["history"].write_text(json.dumps(setup.history.state_dict()))
     return paths
 
 
@@ -518,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         paths = save_outputs(setup)
         summary.update(
             optimizer=args.optimizer,
+            learning_rate=args.learning_rate,
+            stochastic_rounding=args.stochastic_rounding,
             mixed_precision=args.mixed_precision,
             model_type=setup.model_type,
             files={k: str(v) for k, v in paths.items()},
