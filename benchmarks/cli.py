@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also print a torch.profiler table for these optimizers (e.g. emosens)",
     )
     s.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the Emo optimizers with torch.compile(opt.step) (slow warm-up)",
+    )
+    s.add_argument(
         "--roofline",
         action="store_true",
         help="CUDA only: step time vs the HBM bound for a 1B-parameter layout",
@@ -265,6 +270,7 @@ def run_speed_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
     from .speed import (
         REFERENCE,
         check_targets,
+        compiled_entries,
         layouts,
         profile_steps,
         roofline,
@@ -273,6 +279,8 @@ def run_speed_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
     )
 
     entries = speed_entries(quick, args.device)
+    if getattr(args, "compile", False):
+        entries += compiled_entries()
     wanted = getattr(args, "optimizers", None)
     if wanted:
         names = set(_pick(wanted, [e.name for e in entries], "--optimizers")) | set(REFERENCE)

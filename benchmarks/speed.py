@@ -74,6 +74,7 @@ class SpeedEntry:
     name: str
     factory: Callable[[list[Tensor]], torch.optim.Optimizer]
     bytes_moved: int | None = None  # per parameter per step, for the HBM roofline
+    compiled: bool = False  # step through torch.compile(opt.step) (warm-up compiles)
 
     def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
         opt = self.factory(params)
@@ -95,6 +96,15 @@ def _schedulefree(ps: list[Tensor]) -> torch.optim.Optimizer:
 
 
 REFERENCE = ("AdamW fused", "AdamW foreach", "AdamW for-loop")
+
+
+def compiled_entries() -> list[SpeedEntry]:
+    """The Emo optimizers with ``torch.compile(opt.step)`` (``--compile``; slow warm-up)."""
+    return [
+        SpeedEntry("EmoSens compiled", lambda ps: EmoSens(ps), compiled=True),
+        SpeedEntry("EmoAiry compiled", lambda ps: EmoAiry(ps), compiled=True),
+        SpeedEntry("EmoCats compiled", lambda ps: EmoCats(ps), compiled=True),
+    ]
 
 
 def speed_entries(quick: bool = False, device: torch.device | None = None) -> list[SpeedEntry]:
@@ -147,8 +157,11 @@ def _reset_grads(params: list[Tensor], master: list[Tensor]) -> None:
 class _Stepper:
     """Calls ``step`` the way a training loop would (Emo: with this step's loss tensor)."""
 
-    def __init__(self, opt: torch.optim.Optimizer, device: torch.device) -> None:
+    def __init__(
+        self, opt: torch.optim.Optimizer, device: torch.device, compiled: bool = False
+    ) -> None:
         self.opt = opt
+        self.step = torch.compile(opt.step) if compiled else opt.step
         self.is_emo = isinstance(opt, EmoOptimizer)
         trace = 2.0 + torch.cos(torch.arange(64.0)) * 0.1 - torch.arange(64.0) * 0.01
         self.losses = [v.to(device) for v in trace]
@@ -156,10 +169,10 @@ class _Stepper:
 
     def __call__(self) -> None:
         if self.is_emo:
-            self.opt.step(loss=self.losses[self.i % len(self.losses)])
+            self.step(loss=self.losses[self.i % len(self.losses)])
             self.i += 1
         else:
-            self.opt.step()
+            self.step()
 
 
 def _sync(device: torch.device) -> None:
@@ -224,9 +237,9 @@ def run_speed(
     device = device or torch.device("cpu")
     entries = entries or speed_entries(quick, device)
     chosen_layouts = chosen_layouts or layouts(quick)
-    warmup = warmup if warmup is not None else (1 if quick else 3)
-    repeats = repeats if repeats is not None else (5 if quick else 9)
-    steps = steps if steps is not None else (2 if quick else 5)
+    warmup = warmup if warmup is not None else (1 if quick else 2)
+    repeats = repeats if repeats is not None else (5 if quick else 7)
+    steps = steps if steps is not None else (2 if quick else 3)
     results: list[dict[str, Any]] = []
     total = len(chosen_layouts) * len(entries) * (repeats + 1)
     bar = tqdm(total=total, desc="speed", unit="block", disable=not progress)
@@ -238,8 +251,8 @@ def run_speed(
             bar.set_postfix_str(f"{layout.name} · {entry.name} · warm-up")
             params = _copy_params(master)  # own copy: some optimizers write into p.grad
             opt = entry.build(params)
-            stepper = _Stepper(opt, device)
-            for _ in range(warmup):
+            stepper = _Stepper(opt, device, entry.compiled)
+            for _ in range(warmup + 2 * entry.compiled):
                 stepper()
             syncs, reads = count_syncs(stepper, opt)
             built.append((entry, params, stepper, syncs, reads, state_bytes(opt)))
@@ -297,9 +310,10 @@ def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return None if row is None else row[key]
 
         for name, limit in (("EmoSens", 1.10), ("EmoCats", 1.0), ("EmoAiry", 1.0)):
-            x = ratio(name)
-            if x is not None:
-                add(f"{layout}: {name} ≤ {limit:.2f}× AdamW fused", f"{x:.2f}×", x <= limit)
+            for variant in (name, f"{name} compiled"):
+                x = ratio(variant)
+                if x is not None:
+                    add(f"{layout}: {variant} ≤ {limit:.2f}× AdamW fused", f"{x:.2f}×", x <= limit)
         for name in ("EmoCats", "EmoAiry"):
             x = ratio(name, "ratio_foreach")
             if x is not None:
@@ -332,7 +346,7 @@ def profile_steps(
     """torch.profiler table of where one optimizer's step time goes (self time, top ops)."""
     params = make_params(layout, device)
     opt = entry.build(params)
-    stepper = _Stepper(opt, device)
+    stepper = _Stepper(opt, device, entry.compiled)
     for _ in range(3):
         stepper()
     activities = [torch.profiler.ProfilerActivity.CPU]
