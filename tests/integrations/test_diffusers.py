@@ -153,6 +153,14 @@ def test_bf16_run_trains_only_lora_and_reloads(tmp_path: Path, model_type: str) 
     if extra:
         assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
 
+    # The pipelines' loader (what pipeline.load_lora_weights reads) parses the file.
+    from diffusers.loaders import FluxLoraLoaderMixin, SD3LoraLoaderMixin
+
+    mixin = SD3LoraLoaderMixin if model_type == "sd3" else FluxLoraLoaderMixin
+    state, metadata = mixin.lora_state_dict(str(out), return_lora_metadata=True)
+    assert len(state) == n_lora and all(k.startswith("transformer.") for k in state)
+    assert metadata["transformer.r"] == 4
+
     # A fresh base + the saved LoRA and conditioner reproduce the trained model.
     _, fresh = load_transformer(out / "base_model", torch.bfloat16)
     load_lora(fresh, out)
