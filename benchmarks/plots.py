@@ -53,7 +53,11 @@ def plot_quality(
         for r in rows:
             if r.family == "adamw" and not r.role:
                 continue
-            label = r.optimizer + (f" ({r.role.split(',')[0]})" if r.role else "")
+            label = r.optimizer
+            if r.role.startswith("tuned"):
+                label = "AdamW tuned (best of sweep, lr in title)"
+            elif r.role:
+                label += f" ({r.role})"
             style = "--" if r.role == "default" else "-"
             steps = max((s for s, _ in r.lr_curve), default=len(r.curve))
             xs = [i * steps / max(1, len(r.curve)) for i in range(len(r.curve))]
@@ -62,7 +66,9 @@ def plot_quality(
             top.plot(xs, ys, style, color=color, label=label, lw=1.3)
             if r.lr_curve:
                 bottom.plot(*zip(*r.lr_curve, strict=True), style, color=color, lw=1.3)
-        top.set_title(titles[name], fontsize=9)
+        tuned = next((r for r in rows if r.role.startswith("tuned")), None)
+        extra = f"\ntuned AdamW lr={tuned.lr:g}" if tuned else ""
+        top.set_title(titles[name] + extra, fontsize=9)
         top.set_yscale("log" if log_scale.get(name) else "linear")
         top.set_ylabel("training loss (seed mean)" if col == 0 else "")
         bottom.set_yscale("log")
@@ -77,7 +83,9 @@ def plot_quality(
             high = sorted(finite)[int(0.97 * (len(finite) - 1))]
             top.set_ylim(low - 0.05 * (high - low), high)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.legend(
+        handles, labels, loc="lower center", ncol=max(1, min(len(labels), 5, 2 * n)), fontsize=8
+    )
     fig.tight_layout(rect=(0, 0.09, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
