@@ -29,15 +29,17 @@ def main() -> None:
 
     fig = Figure(figsize=(6, 4.5), dpi=80)
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
-    print("| run | optimizer | SR | final loss (mean of last 20 steps) | s/step | wall s |")
+    print("| run | optimizer | bf16 rounding | final loss (last 20 steps) | s/step | train s |")
     print("|---|---|---|---|---|---|")
     for run in opts.runs:
         history = json.loads((run / "history.json").read_text())
         metrics = json.loads((run / "metrics.json").read_text())
         ax_loss.plot(history["steps"], _ema(history["losses"]), label=run.name)
         ax_lr.plot(history["steps"], history["lrs"], label=run.name)
+        emo = metrics["optimizer"].startswith("emo")
+        rounding = ("stochastic" if metrics["stochastic_rounding"] else "nearest") if emo else "-"
         print(
-            f"| {run.name} | {metrics['optimizer']} | {metrics.get('stochastic_rounding', '')} "
+            f"| {run.name} | {metrics['optimizer']} | {rounding} "
             f"| {metrics['final_loss']:.4f} | {metrics['seconds_per_step']:.3f} "
             f"| {sum(history['seconds']):.0f} |"
         )
