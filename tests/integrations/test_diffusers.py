@@ -17,7 +17,7 @@ from safetensors.torch import load_file  # noqa: E402
 from emo_diffusers.conditioning import load_conditioner  # noqa: E402
 from emo_diffusers.data import load_images  # noqa: E402
 from emo_diffusers.lora import LORA_WEIGHT_NAME, load_lora  # noqa: E402
-from emo_diffusers.models import FlowModel, load_transformer  # noqa: E402
+from emo_diffusers.models import TINY_CONFIGS, FlowModel, build_base_model, load_transformer  # noqa: E402
 from emo_diffusers.train_lora_flow import (  # noqa: E402
     build_training,
     main,
@@ -242,11 +242,14 @@ def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
             draw = ImageDraw.Draw(img)
             (draw.rectangle if label == 0 else draw.ellipse)(box, fill=(255, 200, 50))
             img.save(data / shape / f"{i}.png")
+    base = build_base_model("sd3", TINY_CONFIGS["sd3"], tmp_path / "my_base")  # any local dir
     out = tmp_path / "out"
     summary = main(
         _argv(
             "sd3",
             out,
+            "--pretrained_model_name_or_path",
+            str(base),
             "--train_data_dir",
             str(data),
             "--train_batch_size",
@@ -262,10 +265,14 @@ def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
     with Image.open(out / "samples.png") as grid:  # 2 classes x 1 sample of 16 px, 1 px gaps, x4
         assert grid.size == ((2 * 17 + 1) * 4, (1 * 17 + 1) * 4)
 
+    assert not (out / "base_model").exists()  # the given base was used, none was built
+
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no images"):
         load_images(16, 1, empty)
+    with pytest.raises(ValueError, match="pretrained_model_name_or_path.*config.json"):
+        load_transformer(empty, torch.float32)
 
 
 def test_euler_sampling_reaches_the_data_with_the_exact_velocity() -> None:
