@@ -17,7 +17,6 @@ Nothing in ``step()`` reads a tensor value on the host: skipped steps are masked
 
 from __future__ import annotations
 
-import random
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._validation import as_bool, as_int, check_range, loss_to_tensor
+from ._validation import as_bool, as_float_dtype, as_int, check_range, loss_to_tensor
 from .distributed import all_reduce_loss_, local_shard
 from .precision import LOW_PRECISION, copy_stochastic_, default_state_dtype
 from .pulse import init_sensor_state, pulse_update
@@ -39,6 +38,7 @@ _REAL_DTYPE = {
     torch.complex64: torch.float32,
     torch.complex128: torch.float64,
 }
+DEFAULT_ROUNDING_SEED = 0x5EED
 SENSOR_STATE_KEY = "emo_pulse"
 META_STATE_KEY = "emo_meta"
 
@@ -144,14 +144,7 @@ class EmoOptimizer(Optimizer):
             )
         self.sync_loss = as_bool("sync_loss", sync_loss)
         self.process_group = process_group
-        if state_dtype is not None and not (
-            isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
-        ):
-            raise ValueError(
-                f"Invalid state_dtype: {state_dtype!r} (expected None or a floating torch.dtype "
-                "such as torch.float32 or torch.bfloat16)"
-            )
-        self.state_dtype = state_dtype
+        self.state_dtype = as_float_dtype("state_dtype", state_dtype)
         self.stochastic_rounding = as_bool(
             "stochastic_rounding", stochastic_rounding, allow_none=True
         )
@@ -182,7 +175,9 @@ class EmoOptimizer(Optimizer):
         self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self.max_lr)
         self.state[META_STATE_KEY] = {
             "steps": _step_count(0),
-            "seed": random.Random().randrange(2**62),
+            # Stochastic rounding draws from (seed + step): one fixed seed, so every rank
+            # of a data-parallel run rounds identically and replicas stay equal.
+            "seed": DEFAULT_ROUNDING_SEED,
         }
         self._refresh_effective_lr()
 

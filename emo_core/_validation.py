@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "as_bool",
+    "as_float_dtype",
     "as_float",
     "as_int",
     "check_betas",
@@ -61,6 +62,19 @@ def as_bool(name: str, value: Any, *, allow_none: bool = False) -> bool | None:
         allowed = "True, False or None" if allow_none else "True or False"
         raise ValueError(f"Invalid {name}: {value!r} (expected {allowed})")
     return value
+
+
+def as_float_dtype(name: str, value: Any) -> torch.dtype | None:
+    """None or a floating torch dtype; strings such as ``"bfloat16"`` or ``"torch.float32"``
+    are accepted for command-line and class-path users."""
+    if isinstance(value, str):
+        value = getattr(torch, value.strip().removeprefix("torch."), value)
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    raise ValueError(
+        f"Invalid {name}: {value!r} (expected None or a floating torch.dtype such as "
+        "torch.float32 or torch.bfloat16, or its name)"
+    )
 
 
 def check_range(

@@ -72,13 +72,6 @@ def test_bf16_replicas_identical_with_a_shared_rounding_seed(report: dict) -> No
     assert report["emosens-bf16-same-seed"]["replicas_identical"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each rank draws its own stochastic-rounding seed (random.Random() in "
-    "EmoOptimizer.__init__), so bf16 replicas round differently and drift apart under DDP; "
-    "emo_core should agree on the seed across ranks (e.g. broadcast it from rank 0 when "
-    "sync_loss and world size > 1). Workaround: set opt.state['emo_meta']['seed'] equally.",
-)
 def test_bf16_replicas_identical_with_default_seed(report: dict) -> None:
     result = report["emosens-bf16"]
     assert result["replicas_identical"], f"replicas differ by {result['replica_max_diff']}"
