@@ -24,24 +24,21 @@ DEFAULT_LR = {"emosens": 1.0, "emoairy": 1.0, "emocats": 1.0, "adamw": 1e-4, "pr
 
 
 def _emo(name: str) -> Callable[..., Optimizer]:
-    def build(params, *, lr, weight_decay, stochastic_rounding, seed):
-        optimizer = get_optimizer(name)(
+    def build(params, *, lr, weight_decay, stochastic_rounding):
+        # Stochastic rounding draws from a generator with a fixed seed kept in the optimizer
+        # state, so a bf16 run is reproducible and resumes exactly without help from here.
+        return get_optimizer(name)(
             params, lr=lr, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding
         )
-        # Stochastic rounding draws from a generator seeded by the optimizer; emo_core picks
-        # that seed at random, so pin it to the run's seed: same --seed, same bf16 result.
-        # (It is saved in the optimizer state, so resumed runs keep it.)
-        optimizer.state["emo_meta"]["seed"] = int(seed)
-        return optimizer
 
     return build
 
 
-def _adamw(params, *, lr, weight_decay, stochastic_rounding, seed):
+def _adamw(params, *, lr, weight_decay, stochastic_rounding):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _prodigy(params, *, lr, weight_decay, stochastic_rounding, seed):
+def _prodigy(params, *, lr, weight_decay, stochastic_rounding):
     try:
         from prodigyopt import Prodigy
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -73,7 +70,6 @@ def build_optimizer(
     lr: float | None = None,
     weight_decay: float = 1e-4,
     stochastic_rounding: bool = True,
-    seed: int = 0,
 ) -> Optimizer:
     """The optimizer ``name`` over ``params``; ``lr=None`` takes ``DEFAULT_LR[name]``.
 
@@ -87,7 +83,6 @@ def build_optimizer(
         lr=DEFAULT_LR[name] if lr is None else lr,
         weight_decay=weight_decay,
         stochastic_rounding=stochastic_rounding,
-        seed=seed,
     )
 
 

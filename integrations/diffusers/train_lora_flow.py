@@ -315,7 +315,6 @@ def build_training(args: argparse.Namespace) -> TrainingSetup:
         lr=args.learning_rate,
         weight_decay=args.weight_decay,
         stochastic_rounding=args.stochastic_rounding,
-        seed=args.seed,
     )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
