@@ -203,7 +203,7 @@ def run_quality(
 ) -> dict[str, list[QualityRow]]:
     """Rows per workload name, in contender order, with roles and gaps filled in."""
     contenders = contenders or quality_contenders()
-    seeds = seeds if seeds is not None else ([0, 1] if quick else [0, 1, 2])
+    seeds = seeds if seeds is not None else [0, 1, 2]
     device = device or torch.device("cpu")
     plan = [(w, c, s) for w in workloads for c in contenders for s in seeds]
     bar = tqdm(total=len(plan), desc="quality", unit="run", disable=not progress)
