@@ -74,13 +74,26 @@ def build_base_model(
 ) -> Path:
     """Write a random-init transformer to ``directory`` with ``save_pretrained``, once.
 
-    An existing model in ``directory`` is kept as is (so a resumed run trains on the same
-    base); the init is seeded by ``seed`` without touching the global RNG.
+    An existing model in ``directory`` with the same class and config is kept as is (so a
+    resumed run trains on the same base); a different one is an error. The init is seeded
+    by ``seed`` without touching the global RNG.
     """
     directory = Path(directory)
-    if (directory / "config.json").is_file():
-        return directory
     cls = _model_class(model_type)
+    config_file = directory / "config.json"
+    if config_file.is_file():
+        saved = json.loads(config_file.read_text())
+        wanted = {
+            "_class_name": MODEL_TYPES[model_type],
+            **json.loads(json.dumps(transformer_config)),
+        }
+        different = sorted(k for k, v in wanted.items() if saved.get(k) != v)
+        if different:
+            raise ValueError(
+                f"Invalid base_model_dir: {str(directory)!r} holds a base built with other "
+                f"settings ({', '.join(different)}); delete it or pass another --base_model_dir"
+            )
+        return directory
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(**transformer_config)

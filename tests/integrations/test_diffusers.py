@@ -266,6 +266,8 @@ def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
         assert grid.size == ((2 * 17 + 1) * 4, (1 * 17 + 1) * 4)
 
     assert not (out / "base_model").exists()  # the given base was used, none was built
+    with pytest.raises(ValueError, match="base_model_dir.*num_layers"):  # never a silent reuse
+        build_base_model("sd3", {**TINY_CONFIGS["sd3"], "num_layers": 1}, base)
 
     empty = tmp_path / "empty"
     empty.mkdir()
