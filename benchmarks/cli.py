@@ -213,7 +213,10 @@ def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]
     from .plots import plot_quality
     from .quality import run_quality
 
-    workloads = get_workloads(args.workloads if hasattr(args, "workloads") else None)
+    try:
+        workloads = get_workloads(getattr(args, "workloads", None))
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     contenders = quality_contenders()
     names = _pick(getattr(args, "optimizers", None), [c.name for c in contenders], "--optimizers")
     contenders = [c for c in contenders if c.name in names]
@@ -279,6 +282,8 @@ def run_speed_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
         speed_entries,
     )
 
+    if getattr(args, "roofline", False) and args.device.type != "cuda":
+        raise SystemExit("Invalid --roofline: needs --device cuda (HBM bandwidth bound)")
     entries = speed_entries(quick, args.device)
     if getattr(args, "compile", False):
         entries += compiled_entries()
@@ -302,11 +307,7 @@ def run_speed_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
         steps=getattr(args, "steps", None),
         progress=not args.no_progress,
     )
-    roof = None
-    if getattr(args, "roofline", False):
-        if args.device.type != "cuda":
-            raise SystemExit("Invalid --roofline: needs --device cuda")
-        roof = roofline(args.device, entries)
+    roof = roofline(args.device, entries) if getattr(args, "roofline", False) else None
     files = {
         "markdown": str(out / "speed.md"),
         "plot": str(out / "speed.png"),

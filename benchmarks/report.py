@@ -199,7 +199,7 @@ def speed_markdown(doc: dict[str, Any]) -> str:
         lines.append("")
     if doc.get("roofline"):
         lines += [
-            "## HBM roofline (1B parameters)",
+            f"## Memory-bandwidth roofline ({doc['roofline']['params'] / 1e9:.2f}B parameters)",
             "",
             f"Measured copy bandwidth {doc['roofline']['bandwidth_gbs']:.0f} GB/s",
             "",

@@ -365,6 +365,7 @@ def roofline(
     entries: Iterable[SpeedEntry],
     shapes: tuple[tuple[int, ...], ...] = ((8192, 8192),) * 16,
     steps: int = 5,
+    copy_mib: int = 1024,
 ) -> dict[str, Any]:
     """Step time as a fraction of the memory-bandwidth bound for a large (≈1B) layout.
 
@@ -372,7 +373,7 @@ def roofline(
     ``bytes moved per param × params / bandwidth``. One optimizer at a time (memory).
     """
     layout = Layout("roofline", "roofline", shapes)
-    src = torch.empty(256 * 2**20, dtype=torch.float32, device=device)
+    src = torch.empty(copy_mib * 2**18, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     copy_s = _time_block(lambda: dst.copy_(src), 10, device)

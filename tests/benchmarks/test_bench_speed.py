@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from benchmarks.speed import Layout, SpeedEntry, count_syncs, run_speed, state_bytes
+from benchmarks.speed import (
+    Layout,
+    SpeedEntry,
+    count_syncs,
+    roofline,
+    run_speed,
+    speed_entries,
+    state_bytes,
+)
 from benchmarks.syncs import count_host_reads
 from emo_core import EmoAiry, EmoCats, EmoSens
 
@@ -129,3 +137,15 @@ def test_run_speed_reports_documented_fields_with_reference_ratios() -> None:
             "syncs_per_step",
             "reads_per_step",
         }
+
+
+def test_roofline_fraction_is_bound_over_measured_time() -> None:
+    """The CUDA-only report, exercised on CPU with a tiny layout."""
+    entries = [e for e in speed_entries(quick=True) if e.name in ("AdamW fused", "EmoCats")]
+    doc = roofline(torch.device("cpu"), entries, shapes=((64, 64),) * 2, steps=2, copy_mib=4)
+    assert doc["params"] == 2 * 64 * 64 and doc["bandwidth_gbs"] > 0
+    assert [r["optimizer"] for r in doc["rows"]] == ["AdamW fused", "EmoCats"]
+    for r in doc["rows"]:
+        bound_ms = r["bytes_per_param"] * doc["params"] / (doc["bandwidth_gbs"] * 1e9) * 1e3
+        assert r["roofline_ms"] == pytest.approx(bound_ms)
+        assert r["fraction"] == pytest.approx(r["roofline_ms"] / r["step_ms"])
