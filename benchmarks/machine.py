@@ -86,6 +86,6 @@ def machine_line(info: dict[str, str | int]) -> str:
     where = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores"
     return (
         f"{where}; device `{info['device']}`, torch {info['torch']} "
-        f"({info['torch_threads']} threads), Python {info['python']}, {info['os']}; "
+        f"({info['torch_threads']} thread{'s' if info['torch_threads'] != 1 else ''}), Python {info['python']}, {info['os']}; "
         f"emo {info['emo']}; 1-min load average {info['load_avg']} at the end"
     )
