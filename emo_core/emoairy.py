@@ -134,37 +134,16 @@ def _single_tensor_emoairy(
 def _foreach_emoairy(
     bucket: Bucket, *, beta2: float, eps: float, clip: float, weight_decay: float
 ) -> None:
-    """The same rule with multi-tensor ops; only the row/column means run per tensor."""
+    """The same rule with multi-tensor ops, arranged to touch full-size tensors few times.
+
+    Bias correction and mean(R) are folded into R, and √v̂ = √R'·√C, so the denominator is
+    built in one pass
+    (``addcmul(eps, √R', √C)``); the RMS clip and the LR form one scale per tensor.
+    """
     lr = bucket.step_lr()
     keep2 = bucket.decay(beta2)
     grads = bucket.masked_grads()
     states = bucket.states
-    factored = [i for i, row in enumerate(states.get("row_var", [])) if row is not None]
-    full = [i for i, v in enumerate(states.get("exp_avg_sq", [])) if v is not None]
-    squares = torch._foreach_mul(grads, grads)
-    v_hat: list[Tensor | None] = [None] * len(grads)
-    if factored:
-        rows = [states["row_var"][i] for i in factored]
-        cols = [states["col_var"][i] for i in factored]
-        row_means = [squares[i].mean(dim=_col_dims(squares[i]), keepdim=True) for i in factored]
-        col_means = [squares[i].mean(dim=0, keepdim=True) for i in factored]
-        for stat, mean in ((rows, row_means), (cols, col_means)):
-            torch._foreach_mul_(stat, keep2)
-            torch._foreach_add_(stat, mean, alpha=1 - beta2)
-        # mean(R) via the 1-norm (R >= 0), one multi-tensor reduction for all rows.
-        # Out of place: a DTensor (FSDP2) norm is a pending partial sum that in-place ops reject.
-        row_avg = torch._foreach_mul(torch._foreach_norm(rows, 1), [1.0 / r.numel() for r in rows])
-        torch._foreach_clamp_min_(row_avg, _TINY)
-        products = torch._foreach_mul(rows, cols)
-        torch._foreach_div_(products, row_avg)
-        for i, value in zip(factored, products):
-            v_hat[i] = value
-    if full:
-        moments = [states["exp_avg_sq"][i] for i in full]
-        torch._foreach_mul_(moments, keep2)
-        torch._foreach_add_(moments, [squares[i] for i in full], alpha=1 - beta2)
-        for i, value in zip(full, torch._foreach_mul(moments, 1.0)):
-            v_hat[i] = value
     steps = states["step"]
     # A list of 0-dim tensors, not one: torch.compile reads the scalar-tensor overload on
     # the host (a graph break).
@@ -172,18 +151,51 @@ def _foreach_emoairy(
     corrections = torch._foreach_pow(beta2, torch._foreach_clamp_min(steps, 1.0))
     torch._foreach_neg_(corrections)
     torch._foreach_add_(corrections, 1.0)
-    torch._foreach_div_(v_hat, corrections)
-    torch._foreach_sqrt_(v_hat)
-    torch._foreach_add_(v_hat, eps)
-    updates = torch._foreach_div(grads, v_hat)
-    # RMS clip: rms = ||u||_2 / sqrt(n); divide by max(1, rms / clip).
+    factored = [i for i, row in enumerate(states.get("row_var", [])) if row is not None]
+    full = [i for i, v in enumerate(states.get("exp_avg_sq", [])) if v is not None]
+    denoms: list[Tensor | None] = [None] * len(grads)
+    if factored:
+        rows = [states["row_var"][i] for i in factored]
+        cols = [states["col_var"][i] for i in factored]
+        squares = torch._foreach_mul([grads[i] for i in factored], [grads[i] for i in factored])
+        row_means = [sq.mean(dim=_col_dims(sq), keepdim=True) for sq in squares]
+        col_means = [sq.mean(dim=0, keepdim=True) for sq in squares]
+        del squares
+        for stat, mean in ((rows, row_means), (cols, col_means)):
+            torch._foreach_mul_(stat, keep2)
+            torch._foreach_add_(stat, mean, alpha=1 - beta2)
+        # mean(R) via the 1-norm (R >= 0), one multi-tensor reduction for all rows.
+        # Out of place: a DTensor (FSDP2) norm is a pending partial sum that in-place ops reject.
+        row_avg = torch._foreach_mul(torch._foreach_norm(rows, 1), [1.0 / r.numel() for r in rows])
+        torch._foreach_clamp_min_(row_avg, _TINY)
+        torch._foreach_mul_(row_avg, [corrections[i] for i in factored])
+        root_rows = torch._foreach_div(rows, row_avg)
+        torch._foreach_sqrt_(root_rows)
+        root_cols = torch._foreach_sqrt(cols)
+        eps_t = torch.full((), eps, dtype=bucket.lr.dtype, device=bucket.lr.device)
+        for i, root_row, root_col in zip(factored, root_rows, root_cols):
+            denoms[i] = torch.addcmul(eps_t, root_row, root_col)
+    if full:
+        moments = [states["exp_avg_sq"][i] for i in full]
+        torch._foreach_mul_(moments, keep2)
+        torch._foreach_addcmul_(
+            moments, [grads[i] for i in full], [grads[i] for i in full], value=1 - beta2
+        )
+        roots = torch._foreach_div(moments, [corrections[i] for i in full])
+        torch._foreach_sqrt_(roots)
+        torch._foreach_add_(roots, eps)
+        for i, value in zip(full, roots):
+            denoms[i] = value
+    updates = torch._foreach_div(grads, denoms)
+    # RMS clip, rms = ||u||_2 / sqrt(n): scale u by lr / max(1, rms / clip).
     scales = torch._foreach_mul(
         torch._foreach_norm(updates, 2), [1.0 / (clip * u.numel() ** 0.5) for u in updates]
     )
     torch._foreach_clamp_min_(scales, 1.0)
-    torch._foreach_div_(updates, scales)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, lr)
+    torch._foreach_mul_(updates, scales)
     torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
-    torch._foreach_mul_(updates, lr)
     torch._foreach_sub_(bucket.params, updates)
 
 
