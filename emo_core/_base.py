@@ -111,11 +111,9 @@ def common_options(arguments: dict[str, Any]) -> dict[str, Any]:
 class EmoOptimizer(Optimizer):
     """Base class of EmoSens, EmoAiry and EmoCats; see the module docstring for one step.
 
-    Subclasses define ``_group_defaults`` checks (``_check_group``), lazy per-parameter state
-    (``_init_state``) and the update rule (``_update``).
+    Subclasses add their hyperparameter checks (``_check_group``), lazy per-parameter state
+    (``_init_state``), the kernel choice (``_pick_impl``) and the update rule (``_update``).
     """
-
-    _impls: tuple[str, ...] = ("foreach", "single")
 
     def __init__(
         self,
