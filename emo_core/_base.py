@@ -335,11 +335,16 @@ class EmoOptimizer(Optimizer):
         by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for params in work:
             for _, p in params:
-                g = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
                 # FSDP2: check this rank's shard; the flag is folded into the loss, whose
-                # cross-rank mean (sync_loss) makes every rank skip together.
-                g = local_shard(g)
-                by_device.setdefault((g.device, g.dtype), []).append(g)
+                # cross-rank mean (sync_loss) makes every rank skip together. Complex
+                # gradients: the 2-norm of a complex tensor propagates nan/inf as well.
+                g = local_shard(p.grad)
+                key = (g.device, g.dtype)
+                grads = by_device.get(key)
+                if grads is None:
+                    by_device[key] = [g]
+                else:
+                    grads.append(g)
         if not by_device:
             return None
         peaks = []

@@ -92,11 +92,12 @@ class EmoSens(EmoOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _pick_impl(self, params: list[Tensor], compute_dtype: torch.dtype) -> str:
+        # A bucket shares one device and dtype; only the state's dtype can vary per tensor
+        # (e.g. loaded from a checkpoint saved with another state_dtype).
         fusable = (
-            all(p.dtype == compute_dtype == torch.float32 for p in params)
+            params[0].dtype == compute_dtype == torch.float32
             and params[0].device.type in _FUSED_DEVICES
             and all(self.state[p]["exp_avg"].dtype == torch.float32 for p in params)
-            and not any(p.is_complex() for p in params)
         )
         if self.fused:
             if not fusable:
