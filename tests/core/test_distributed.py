@@ -41,6 +41,7 @@ def _worker(rank: int, world: int, port: int, sync_loss: bool, out_dir: str) -> 
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown, where gloo's threads occasionally abort
 
 
 def _run(tmp_path, sync_loss: bool) -> tuple[dict, dict]:

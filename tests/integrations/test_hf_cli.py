@@ -130,6 +130,14 @@ record = {
     "world": trainer.args.world_size,
 }
 torch.save(record, os.path.join(trainer.args.output_dir, f"rank{trainer.args.process_index}.pt"))
+# Leave without interpreter teardown: gloo's threads occasionally abort there (SIGABRT,
+# "terminate called without an active exception") after all the work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
