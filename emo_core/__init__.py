@@ -5,7 +5,7 @@ a closure) and leave ``lr=1.0``: the learning rate (emoPulse) follows the loss. 
 """
 
 from ._base import EmoOptimizer
-from .adapters import is_emo_optimizer, log_metrics, unwrap
+from .adapters import log_metrics, unwrap
 from .emoairy import EmoAiry
 from .emocats import EmoCats
 from .emosens import EmoSens
@@ -19,7 +19,6 @@ __all__ = [
     "EmoSens",
     "__version__",
     "get_optimizer",
-    "is_emo_optimizer",
     "log_metrics",
     "unwrap",
 ]

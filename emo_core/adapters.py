@@ -12,7 +12,7 @@ from typing import Any
 
 from ._base import EmoOptimizer
 
-__all__ = ["is_emo_optimizer", "log_metrics", "unwrap"]
+__all__ = ["log_metrics", "unwrap"]
 
 _WRAPPER_ATTRS = ("optimizer", "_optimizer", "opt")
 
@@ -30,11 +30,6 @@ def unwrap(optimizer: Any) -> EmoOptimizer | None:
             None,
         )
     return None
-
-
-def is_emo_optimizer(optimizer: Any) -> bool:
-    """True when ``optimizer`` is, or wraps, an Emo optimizer."""
-    return unwrap(optimizer) is not None
 
 
 def log_metrics(optimizer: Any, prefix: str = "emo/") -> dict[str, float]:

@@ -12,7 +12,6 @@ from torch import Tensor
 
 __all__ = [
     "HIST_LEN",
-    "SENSOR_KEYS",
     "STOP_MIN_STEPS",
     "init_sensor_state",
     "pulse_update",
@@ -26,23 +25,6 @@ STOP_MIN_STEPS = 100
 """The stop signal waits for the long EMA's horizon (SPEC §2.8)."""
 STOP_MEAN_ABS = 0.05
 STOP_VAR = 0.005
-
-SENSOR_KEYS = (
-    "t",
-    "ema_short",
-    "ema_medium",
-    "ema_long",
-    "scalar",
-    "trust",
-    "noise",
-    "d",
-    "H",
-    "hist",
-    "hist_count",
-    "stop",
-    "pulse",
-    "skipped",
-)
 
 
 def sensor_dtype_for(device: torch.device) -> torch.dtype:
