@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer, common_options
+from ._base import Bucket, EmoOptimizer, common_options, compiled
 from ._validation import check_range
 
 __all__ = ["EmoAiry", "emoairy"]
@@ -38,7 +38,8 @@ class EmoAiry(EmoOptimizer):
         weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
         **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``use_shadow``,
             ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
-            ``stochastic_rounding``, ``foreach``, ``writer``, ``log_every``).
+            ``stochastic_rounding``, ``foreach``, ``compile_update``, ``writer``,
+            ``log_every``).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class EmoAiry(EmoOptimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool | None = None,
         foreach: bool | None = None,
+        compile_update: bool = False,
         writer: Any | None = None,
         log_every: int = 1,
     ) -> None:
@@ -100,7 +102,8 @@ def emoairy(
     bucket: Bucket, *, beta2: float, eps: float, clip_threshold: float, weight_decay: float
 ) -> None:
     """Functional EmoAiry update of one bucket, dispatching to the chosen kernel."""
-    kernel = _foreach_emoairy if bucket.impl == "foreach" else _single_tensor_emoairy
+    kernel = {"foreach": _foreach_emoairy, "single": _single_tensor_emoairy}.get(bucket.impl)
+    kernel = kernel or compiled(_single_tensor_emoairy)
     kernel(bucket, beta2=beta2, eps=eps, clip=clip_threshold, weight_decay=weight_decay)
 
 

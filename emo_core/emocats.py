@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer, common_options
+from ._base import Bucket, EmoOptimizer, common_options, compiled
 from ._validation import check_betas
 
 __all__ = ["EmoCats", "emocats"]
@@ -31,7 +31,8 @@ class EmoCats(EmoOptimizer):
         weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
         **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``use_shadow``,
             ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
-            ``stochastic_rounding``, ``foreach``, ``writer``, ``log_every``).
+            ``stochastic_rounding``, ``foreach``, ``compile_update``, ``writer``,
+            ``log_every``).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class EmoCats(EmoOptimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool | None = None,
         foreach: bool | None = None,
+        compile_update: bool = False,
         writer: Any | None = None,
         log_every: int = 1,
     ) -> None:
@@ -68,7 +70,8 @@ class EmoCats(EmoOptimizer):
 
 def emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float) -> None:
     """Functional EmoCats update of one bucket, dispatching to the chosen kernel."""
-    kernel = _foreach_emocats if bucket.impl == "foreach" else _single_tensor_emocats
+    kernel = {"foreach": _foreach_emocats, "single": _single_tensor_emocats}.get(bucket.impl)
+    kernel = kernel or compiled(_single_tensor_emocats)
     kernel(bucket, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer, common_options
+from ._base import Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
 
 __all__ = ["EmoSens", "emosens"]
@@ -52,6 +52,9 @@ class EmoSens(EmoOptimizer):
         foreach: None = fastest available (fused AdamW kernel on fp32 params, else
             multi-tensor), True = multi-tensor, False = per-tensor loop (default: None).
         fused: None = auto, True = require the fused kernel, False = never (default: None).
+        compile_update: run the update through ``torch.compile`` (one fused loop per
+            tensor, in chunks of 32 tensors); costs a one-off compile of seconds and needs a
+            C++ compiler on CPU (default: False).
         writer: object with ``add_scalar(tag, value, step)`` for TensorBoard logging
             (default: None).
         log_every: log to ``writer`` every this many steps (default: 1).
@@ -73,6 +76,7 @@ class EmoSens(EmoOptimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool | None = None,
         foreach: bool | None = None,
+        compile_update: bool = False,
         fused: bool | None = None,
         writer: Any | None = None,
         log_every: int = 1,
@@ -80,6 +84,10 @@ class EmoSens(EmoOptimizer):
         self.fused = as_bool("fused", fused, allow_none=True)
         if self.fused and foreach:
             raise ValueError("Invalid foreach/fused: choose one of foreach=True and fused=True")
+        if self.fused and compile_update:
+            raise ValueError(
+                "Invalid fused/compile_update: choose one of fused=True and compile_update=True"
+            )
         super().__init__(params, {"betas": betas, "eps": eps}, **common_options(locals()))
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -99,7 +107,7 @@ class EmoSens(EmoOptimizer):
             and params[0].device.type in _FUSED_DEVICES
             and all(self.state[p]["exp_avg"].dtype == torch.float32 for p in params)
         )
-        if self.fused:
+        if self.fused:  # (the constructor rejects fused=True with compile_update=True)
             if not fusable:
                 raise RuntimeError(
                     "EmoSens(fused=True) needs real fp32 parameters and state on a device with "
@@ -108,7 +116,7 @@ class EmoSens(EmoOptimizer):
             return "fused"
         # Under torch.compile the multi-tensor path is traced (and fused by the compiler):
         # _fused_adamw_ with a tensor lr has no fake-tensor kernel to trace.
-        if self.fused is None and self.foreach is None and fusable:
+        if self.fused is None and self.foreach is None and not self.compile_update and fusable:
             return "foreach" if torch.compiler.is_compiling() else "fused"
         return super()._pick_impl(params, compute_dtype)
 
@@ -129,8 +137,8 @@ def emosens(bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_de
         "fused": _fused_emosens,
         "foreach": _foreach_emosens,
         "single": _single_tensor_emosens,
-    }
-    kernel[bucket.impl](bucket, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    }.get(bucket.impl) or compiled(_single_tensor_emosens)
+    kernel(bucket, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
 
 def _single_tensor_emosens(

@@ -12,9 +12,9 @@ from emo_core import EmoAiry, EmoCats, EmoSens
 OPTIMIZERS = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
 NAMES = tuple(OPTIMIZERS)
 IMPLS = {
-    "emosens": ({"foreach": False}, {"foreach": True}, {"fused": True}),
-    "emoairy": ({"foreach": False}, {"foreach": True}),
-    "emocats": ({"foreach": False}, {"foreach": True}),
+    "emosens": ({"foreach": False}, {"foreach": True}, {"fused": True}, {"compile_update": True}),
+    "emoairy": ({"foreach": False}, {"foreach": True}, {"compile_update": True}),
+    "emocats": ({"foreach": False}, {"foreach": True}, {"compile_update": True}),
 }
 ALL_IMPLS = [(name, impl) for name in NAMES for impl in IMPLS[name]]
 

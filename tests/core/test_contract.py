@@ -41,6 +41,8 @@ BAD_ARGS = [
     (EmoSens, {"sync_loss": 1}, r"Invalid sync_loss: 1 \(expected True or False\)"),
     (EmoSens, {"lr": "fast"}, r"Invalid lr: 'fast' is not a Python literal"),
     (EmoSens, {"foreach": True, "fused": True}, r"Invalid foreach/fused"),
+    (EmoSens, {"fused": True, "compile_update": True}, r"Invalid fused/compile_update"),
+    (EmoCats, {"compile_update": None}, r"Invalid compile_update: None \(expected True or False\)"),
     (EmoCats, {"betas": (0.9, 1.0)}, r"Invalid betas\[1\]"),
     (EmoAiry, {"beta2": 1.0}, r"Invalid beta2: 1.0 \(expected 0.0 <= beta2 < 1.0\)"),
     (EmoAiry, {"clip_threshold": 0}, r"Invalid clip_threshold"),
@@ -301,7 +303,9 @@ def test_complex_parameters_update_as_pairs_of_reals(name: str) -> None:
 # ------------------------------------------------------------------- safety
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
-    "impl", [{}, {"foreach": True}, {"foreach": False}], ids=["auto", "foreach", "loop"]
+    "impl",
+    [{}, {"foreach": True}, {"foreach": False}, {"compile_update": True}],
+    ids=["auto", "foreach", "loop", "compiled"],
 )
 @pytest.mark.parametrize("bad", ["nan_loss", "inf_loss", "nan_grad", "inf_grad"])
 def test_non_finite_step_changes_nothing_and_training_continues(

@@ -36,9 +36,9 @@ def test_matches_reference_for_50_steps(case: tuple[str, dict], use_shadow: bool
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_all_implementations_agree(name: str) -> None:
-    """foreach and per-tensor loops (and EmoSens's fused kernel) give the same parameters."""
+    """foreach, per-tensor loops, compiled loops (and EmoSens's fused kernel) agree."""
     runs = []
-    for impl in [{"foreach": False}, {"foreach": True}] + (
+    for impl in [{"foreach": False}, {"foreach": True}, {"compile_update": True}] + (
         [{"fused": True}] if name == "emosens" else []
     ):
         params, _ = _twins(seed=3)

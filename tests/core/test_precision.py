@@ -65,10 +65,17 @@ def test_bf16_params_keep_fp32_state_also_after_load(name: str) -> None:
     assert p.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("compile_update", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", NAMES)
-def test_bf16_state_dtype_stores_bf16_and_still_learns(name: str) -> None:
+def test_bf16_state_dtype_stores_bf16_and_still_learns(name: str, compile_update: bool) -> None:
     p = torch.ones(4096, requires_grad=True)
-    opt = OPTIMIZERS[name]([p], state_dtype=torch.bfloat16, weight_decay=0.0, **FIXED_LR)
+    opt = OPTIMIZERS[name](
+        [p],
+        state_dtype=torch.bfloat16,
+        weight_decay=0.0,
+        compile_update=compile_update,
+        **FIXED_LR,
+    )
     for _ in range(50):
         p.grad = p.detach() - 0.5
         opt.step(loss=1.0)
