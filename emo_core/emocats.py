@@ -95,6 +95,6 @@ def _foreach_emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay
     direction = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_sign_(direction)
     torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
-    torch._foreach_mul_(direction, lr)
-    torch._foreach_sub_(bucket.params, direction)
+    # p -= lr * sign(c) in one pass (a list of 0-dim tensors: no host read of lr).
+    torch._foreach_addcmul_(bucket.params, direction, [lr] * len(direction), value=-1.0)
     torch._foreach_lerp_(exp_avgs, grads, bucket.blend(1.0 - beta2))
