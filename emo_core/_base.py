@@ -432,32 +432,38 @@ class EmoOptimizer(Optimizer):
             compute_dtype = default_state_dtype(dtype, self.state_dtype)
             if compute_dtype in LOW_PRECISION:
                 compute_dtype = torch.float32  # state may be stored low, math is fp32
-            for p in originals:
-                if not self.state[p]:
+            per_param = [self.state[p] for p in originals]  # hashing a tensor is Python code
+            for p, state in zip(originals, per_param):
+                if not state:
                     self._init_full_state(p, group, dtype)
             state_copies: list[tuple[Tensor, Tensor]] = []
-            keys = dict.fromkeys(k for p in originals for k in self.state[p] if k != "shadow")
+            keys = dict.fromkeys(k for state in per_param for k in state if k != "shadow")
             states = {
                 key: [
-                    _as_compute(self.state[p].get(key), compute_dtype, state_copies)
+                    _as_compute(state.get(key), compute_dtype, state_copies)
                     if key != "step"
-                    else self.state[p].get(key)
-                    for p in originals
+                    else state.get(key)
+                    for state in per_param
                 ]
                 for key in keys
             }
             param_copies: list[tuple[Tensor, Tensor]] = []
+            if originals[0].dtype == compute_dtype:  # real, and no copies (the common case)
+                work_params, work_grads = originals, [p.grad for p in originals]
+            else:
+                work_params = [_as_compute(p, compute_dtype, param_copies) for p in originals]
+                work_grads = [_as_compute(p.grad, compute_dtype, None) for p in originals]
             bucket = Bucket(
-                params=[_as_compute(p, compute_dtype, param_copies) for p in originals],
-                grads=[_as_compute(p.grad, compute_dtype, None) for p in originals],
+                params=work_params,
+                grads=work_grads,
                 states=states,
                 lr=group["emo_lr"].to(device=device, dtype=compute_dtype),
                 valid=valid.to(device),
                 group=group,
-                impl=self._pick_impl(originals, compute_dtype),
+                impl=self._pick_impl(originals, per_param, compute_dtype),
             )
             if group["use_shadow"]:
-                self._apply_shadow(bucket, [self.state[p]["shadow"] for p in originals])
+                self._apply_shadow(bucket, [state["shadow"] for state in per_param])
             if bucket.impl == "compiled":
                 for part in bucket.chunks(COMPILE_CHUNK):
                     self._update(part)
@@ -472,7 +478,10 @@ class EmoOptimizer(Optimizer):
         if group["use_shadow"]:
             self.state[p]["shadow"] = real.detach().to(state_dtype, copy=True)
 
-    def _pick_impl(self, params: list[Tensor], compute_dtype: torch.dtype) -> str:
+    def _pick_impl(
+        self, params: list[Tensor], states: list[dict[str, Any]], compute_dtype: torch.dtype
+    ) -> str:
+        """The kernel for one bucket: its params, their state dicts and the compute dtype."""
         # Inside a torch.compile'd step the plain loop is traced into the caller's graph.
         if self.compile_update:
             return "single" if torch.compiler.is_compiling() else "compiled"

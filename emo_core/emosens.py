@@ -99,13 +99,15 @@ class EmoSens(EmoOptimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _pick_impl(self, params: list[Tensor], compute_dtype: torch.dtype) -> str:
+    def _pick_impl(
+        self, params: list[Tensor], states: list[dict[str, Any]], compute_dtype: torch.dtype
+    ) -> str:
         # A bucket shares one device and dtype; only the state's dtype can vary per tensor
         # (e.g. loaded from a checkpoint saved with another state_dtype).
         fusable = (
             params[0].dtype == compute_dtype == torch.float32
             and params[0].device.type in _FUSED_DEVICES
-            and all(self.state[p]["exp_avg"].dtype == torch.float32 for p in params)
+            and all(state["exp_avg"].dtype == torch.float32 for state in states)
         )
         if self.fused:  # (the constructor rejects fused=True with compile_update=True)
             if not fusable:
@@ -118,7 +120,7 @@ class EmoSens(EmoOptimizer):
         # _fused_adamw_ with a tensor lr has no fake-tensor kernel to trace.
         if self.fused is None and self.foreach is None and not self.compile_update and fusable:
             return "foreach" if torch.compiler.is_compiling() else "fused"
-        return super()._pick_impl(params, compute_dtype)
+        return super()._pick_impl(params, states, compute_dtype)
 
     def _update(self, bucket: Bucket) -> None:
         beta1, beta2 = bucket.group["betas"]
