@@ -98,10 +98,16 @@ def _device(value: str) -> torch.device:
 
 
 def _pick(names: list[str] | None, available: list[str], flag: str) -> list[str]:
-    """Filter by slug prefix: ``adamw`` picks the whole AdamW sweep, ``emosens`` one entry."""
+    """Filter by slug: an exact name picks that entry (``emocats``), otherwise a prefix picks
+    all it starts (``adamw``: the whole AdamW sweep; ``emocats-compile``: the compiled one)."""
     if not names:
         return available
-    chosen = [a for a in available if any(_slug(a).startswith(_slug(n)) for n in names)]
+    slugs = {_slug(a) for a in available}
+
+    def wanted(slug: str, name: str) -> bool:
+        return slug == name if name in slugs else slug.startswith(name)
+
+    chosen = [a for a in available if any(wanted(_slug(a), _slug(n)) for n in names)]
     missing = [n for n in names if not any(_slug(a).startswith(_slug(n)) for a in available)]
     if missing:
         choices = ", ".join(dict.fromkeys(_slug(a) for a in available))

@@ -158,3 +158,10 @@ def test_bad_arguments_name_the_flag(argv: list[str], message: str, capsys) -> N
         cli.main([*argv, "--no-progress"])
     text = str(err.value) + capsys.readouterr().err
     assert message in text
+
+
+def test_an_exact_optimizer_name_picks_one_entry_and_a_prefix_picks_all() -> None:
+    names = ["AdamW fused", "AdamW foreach", "EmoCats", "EmoCats compile_update"]
+    assert cli._pick(["emocats"], names, "--optimizers") == ["EmoCats"]
+    assert cli._pick(["emocats-compile"], names, "--optimizers") == ["EmoCats compile_update"]
+    assert cli._pick(["adamw"], names, "--optimizers") == ["AdamW fused", "AdamW foreach"]

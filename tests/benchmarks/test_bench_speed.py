@@ -9,6 +9,7 @@ from torch import Tensor
 from benchmarks.speed import (
     Layout,
     SpeedEntry,
+    check_targets,
     count_syncs,
     roofline,
     run_speed,
@@ -149,3 +150,24 @@ def test_roofline_fraction_is_bound_over_measured_time() -> None:
         bound_ms = r["bytes_per_param"] * doc["params"] / (doc["bandwidth_gbs"] * 1e9) * 1e3
         assert r["roofline_ms"] == pytest.approx(bound_ms)
         assert r["fraction"] == pytest.approx(r["roofline_ms"] / r["step_ms"])
+
+
+def test_targets_judge_the_default_and_the_compiled_update_separately() -> None:
+    def row(name: str, ratio: float) -> dict:
+        return {
+            "layout": "dense",
+            "optimizer": name,
+            "ratio_fused": ratio,
+            "ratio_foreach": ratio / 3,
+            "syncs_per_step": 0,
+            "state_bytes_per_param": 4.0,
+            "step_ms": 1.0,
+        }
+
+    verdicts = {
+        t["target"]: t["met"]
+        for t in check_targets([row("EmoCats", 3.1), row("EmoCats compile_update", 0.96)])
+    }
+    assert verdicts["dense: EmoCats ≤ 1.00× AdamW fused"] is False
+    assert verdicts["dense: EmoCats compile_update ≤ 1.00× AdamW fused"] is True
+    assert verdicts["dense: EmoCats 0 host syncs/step"] is True
