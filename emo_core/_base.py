@@ -102,16 +102,20 @@ class Bucket:
         """The effective LR on a valid step and 0 on a skipped one."""
         return self.lr * self.valid
 
+    def subset(self, indices: Iterable[int]) -> Bucket:
+        """The bucket restricted to the tensors at ``indices``."""
+        indices = list(indices)
+        return dataclasses.replace(
+            self,
+            params=[self.params[i] for i in indices],
+            grads=[self.grads[i] for i in indices],
+            states={key: [values[i] for i in indices] for key, values in self.states.items()},
+        )
+
     def chunks(self, size: int) -> Iterator[Bucket]:
         """The bucket in consecutive parts of at most ``size`` tensors."""
         for start in range(0, len(self.params), size):
-            part = slice(start, start + size)
-            yield dataclasses.replace(
-                self,
-                params=self.params[part],
-                grads=self.grads[part],
-                states={key: values[part] for key, values in self.states.items()},
-            )
+            yield self.subset(range(start, min(start + size, len(self.params))))
 
 
 _COMPILED: dict[Callable[..., None], Callable[..., None]] = {}

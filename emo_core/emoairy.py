@@ -16,11 +16,10 @@ import torch
 from torch import Tensor
 
 from ._base import Bucket, EmoOptimizer, common_options, compiled
+from ._emoairy_blocked import BLOCK, TINY, blocked_emoairy, plain_cpu
 from ._validation import check_range
 
 __all__ = ["EmoAiry", "emoairy"]
-
-_TINY = 1e-30  # guards mean(R) of an all-zero gradient: v̂ = 0 rather than 0/0
 
 
 class EmoAiry(EmoOptimizer):
@@ -101,9 +100,28 @@ class EmoAiry(EmoOptimizer):
 def emoairy(
     bucket: Bucket, *, beta2: float, eps: float, clip_threshold: float, weight_decay: float
 ) -> None:
-    """Functional EmoAiry update of one bucket, dispatching to the chosen kernel."""
-    kernel = {"foreach": _foreach_emoairy, "single": _single_tensor_emoairy}.get(bucket.impl)
-    kernel = kernel or compiled(_single_tensor_emoairy)
+    """Functional EmoAiry update of one bucket, dispatching to the chosen kernel.
+
+    ``foreach`` takes the blocked kernel for plain CPU tensors and the multi-tensor one on
+    accelerators and for DTensors (FSDP2), whose ops must stay whole-tensor.
+    """
+    if bucket.impl == "compiled":
+        # Three graphs: at their boundaries inductor keeps the small factors of v̂ and the
+        # step sizes in memory, rather than recompute them inside its loops for every element.
+        factors = compiled(_fusable_statistics)(bucket, beta2=beta2)
+        step_sizes = compiled(_fusable_step_sizes)(bucket, factors, eps=eps, clip=clip_threshold)
+        compiled(_fusable_update)(bucket, factors, step_sizes, eps=eps, weight_decay=weight_decay)
+        return
+    if bucket.impl == "foreach" and plain_cpu(bucket):
+        rest = blocked_emoairy(
+            bucket, beta2=beta2, eps=eps, clip=clip_threshold, weight_decay=weight_decay
+        )
+        if rest is not None:  # vectors, scalars, empty tensors
+            _foreach_emoairy(
+                rest, beta2=beta2, eps=eps, clip=clip_threshold, weight_decay=weight_decay
+            )
+        return
+    kernel = {"foreach": _foreach_emoairy, "single": _single_tensor_emoairy}[bucket.impl]
     kernel(bucket, beta2=beta2, eps=eps, clip=clip_threshold, weight_decay=weight_decay)
 
 
@@ -122,7 +140,7 @@ def _single_tensor_emoairy(
             row, col = state["row_var"], state["col_var"]
             row.mul_(keep2).add_(square.mean(dim=_col_dims(g), keepdim=True), alpha=1 - beta2)
             col.mul_(keep2).add_(square.mean(dim=0, keepdim=True), alpha=1 - beta2)
-            v_hat = row * col / row.mean().clamp(min=_TINY)
+            v_hat = row * col / row.mean().clamp(min=TINY)
         else:
             v_hat = state["exp_avg_sq"].mul_(keep2).add_(square, alpha=1 - beta2).clone()
         correction = 1.0 - beta2 ** state["step"].clamp(min=1.0)
@@ -132,6 +150,85 @@ def _single_tensor_emoairy(
         update.div_(torch.clamp(rms / clip, min=1.0))
         p.mul_(shrink)
         p.sub_(update * lr)
+
+
+def _fusable_statistics(bucket: Bucket, *, beta2: float) -> list[tuple[Tensor, Tensor | None]]:
+    """First part of the rule arranged for inductor (``compile_update=True``): the moments.
+
+    Returns per tensor the factors of ``√(v̂ / (1 - β2^k))``: ``(√R', √C)`` of a matrix
+    (``√R' = √(R / (mean(R)·(1 - β2^k)))``) and ``(√v', None)`` of a smaller tensor. The means
+    of g² of a large matrix are gemvs, as inductor's reduction over the outer dim is ~3x
+    slower. On a skipped step the statistics keep their values (the means may be nan).
+    """
+    valid = bucket.valid
+    increment = valid.to(torch.float32)
+    factors: list[tuple[Tensor, Tensor | None]] = []
+    for index, g in enumerate(bucket.grads):
+        state = {k: v[index] for k, v in bucket.states.items() if v[index] is not None}
+        state["step"].add_(increment)
+        correction = 1.0 - beta2 ** state["step"].clamp(min=1.0)
+        if "row_var" in state:
+            row, col = state["row_var"], state["col_var"]
+            n0 = g.shape[0]
+            square = g.reshape(n0, -1).square()
+            if g.numel() < BLOCK:  # a gemv costs more than its overhead saves
+                row_mean = square.mean(dim=1, keepdim=True)
+                col_mean = square.mean(dim=0, keepdim=True)
+            else:
+                m = square.shape[1]
+                row_mean = torch.mm(square, g.new_full((m, 1), 1.0 / m))
+                col_mean = torch.mm(g.new_full((1, n0), 1.0 / n0), square)
+            row_var = torch.where(valid, row.view(n0, 1).lerp(row_mean, 1 - beta2), row.view(n0, 1))
+            col_var = torch.where(valid, col.view(1, -1).lerp(col_mean, 1 - beta2), col.view(1, -1))
+            row.copy_(row_var.view_as(row))
+            col.copy_(col_var.view_as(col))
+            scale = row_var.mean().clamp(min=TINY) * correction
+            factors.append(((row_var / scale).sqrt(), col_var.sqrt()))
+        else:
+            moment = state["exp_avg_sq"]
+            moment.copy_(torch.where(valid, moment.lerp(g * g, 1 - beta2), moment))
+            factors.append(((moment / correction).sqrt(), None))
+    return factors
+
+
+def _fusable_step_sizes(
+    bucket: Bucket, factors: list[tuple[Tensor, Tensor | None]], *, eps: float, clip: float
+) -> list[Tensor]:
+    """Second part: per tensor ``lr / max(1, rms(u) / clip)`` for ``u = g / (√R'·√C + eps)``
+    (0 on a skipped step); one loop over g each."""
+    valid = bucket.valid
+    lr = bucket.step_lr()
+    step_sizes = []
+    for g, factor in zip(bucket.grads, factors):
+        rms = _fusable_direction(g, factor, eps).square().mean().sqrt()
+        step_sizes.append(torch.where(valid, lr / torch.clamp(rms / clip, min=1.0), 0.0))
+    return step_sizes
+
+
+def _fusable_update(
+    bucket: Bucket,
+    factors: list[tuple[Tensor, Tensor | None]],
+    step_sizes: list[Tensor],
+    *,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Last part: ``p ← p·(1 - wd·lr) - step_size·u``, one loop over g and p each, which
+    recomputes u rather than reading it; on a skipped step u is masked (nan/inf included)."""
+    valid = bucket.valid
+    shrink = 1.0 - bucket.step_lr() * weight_decay
+    for p, g, factor, step_size in zip(bucket.params, bucket.grads, factors, step_sizes):
+        update = torch.where(valid, _fusable_direction(g, factor, eps), 0.0)
+        p.mul_(shrink)
+        p.sub_(update.reshape(p.shape) * step_size)
+
+
+def _fusable_direction(g: Tensor, factor: tuple[Tensor, Tensor | None], eps: float) -> Tensor:
+    """``u = g / (√R'·√C + eps)`` of a matrix (as ``[n0, m]``), ``g / (√v' + eps)`` else."""
+    root, root_col = factor
+    if root_col is None:
+        return g / (root + eps)
+    return g.reshape(root.shape[0], -1) / (root * root_col + eps)
 
 
 def _foreach_emoairy(
@@ -170,7 +267,7 @@ def _foreach_emoairy(
         # mean(R) via the 1-norm (R >= 0), one multi-tensor reduction for all rows.
         # Out of place: a DTensor (FSDP2) norm is a pending partial sum that in-place ops reject.
         row_avg = torch._foreach_mul(torch._foreach_norm(rows, 1), [1.0 / r.numel() for r in rows])
-        torch._foreach_clamp_min_(row_avg, _TINY)
+        torch._foreach_clamp_min_(row_avg, TINY)
         torch._foreach_mul_(row_avg, [corrections[i] for i in factored])
         root_rows = torch._foreach_div(rows, row_avg)
         torch._foreach_sqrt_(root_rows)
