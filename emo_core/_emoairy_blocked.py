@@ -15,27 +15,16 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn import Parameter
 
-from ._base import Bucket
+from ._base import CPU_BLOCK, Bucket
 
-__all__ = ["BLOCK", "TINY", "blocked_emoairy", "plain_cpu"]
+__all__ = ["BLOCK", "TINY", "blocked_emoairy"]
 
 TINY = 1e-30  # guards mean(R) of an all-zero gradient: v̂ = 0 rather than 0/0
-# Elements per row block of a large matrix in the CPU kernel: the blocks of the gradient, the
-# parameter and the one scratch stay in a core's L2 (2 MB) across the ops of a pass (full-size
-# temporaries cost DRAM traffic and, freshly allocated, page faults: each about a pass).
-BLOCK = 1 << 17
+BLOCK = CPU_BLOCK  # elements per row block of a large matrix
 # Elements per stack of small same-shape matrices: larger stacks spill from L2, smaller ones
 # pay the per-op overhead more often (measured optimum for LoRA-sized tensors).
 STACK = 1 << 18
-
-
-def plain_cpu(bucket: Bucket) -> bool:
-    """Whether the blocked CPU kernel applies: CPU tensors that are no subclass (DTensor)."""
-    return bucket.lr.device.type == "cpu" and all(
-        type(p) in (Tensor, Parameter) for p in bucket.params
-    )
 
 
 def blocked_emoairy(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._base import Bucket, EmoOptimizer, common_options, compiled
-from ._emoairy_blocked import BLOCK, TINY, blocked_emoairy, plain_cpu
+from ._emoairy_blocked import BLOCK, TINY, blocked_emoairy
 from ._validation import check_range
 
 __all__ = ["EmoAiry", "emoairy"]
@@ -112,7 +112,7 @@ def emoairy(
         step_sizes = compiled(_fusable_step_sizes)(bucket, factors, eps=eps, clip=clip_threshold)
         compiled(_fusable_update)(bucket, factors, step_sizes, eps=eps, weight_decay=weight_decay)
         return
-    if bucket.impl == "foreach" and plain_cpu(bucket):
+    if bucket.impl == "foreach" and bucket.is_plain_cpu():
         rest = blocked_emoairy(
             bucket, beta2=beta2, eps=eps, clip=clip_threshold, weight_decay=weight_decay
         )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer, common_options, compiled
+from ._base import CPU_BLOCK, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import check_betas
 
 __all__ = ["EmoCats", "emocats"]
@@ -70,6 +70,26 @@ class EmoCats(EmoOptimizer):
 
 def emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float) -> None:
     """Functional EmoCats update of one bucket, dispatching to the chosen kernel."""
+    if bucket.impl == "foreach" and bucket.is_plain_cpu():
+        # Large contiguous CPU tensors in cache-sized blocks, the rest multi-tensor.
+        large = [
+            i
+            for i, (p, g) in enumerate(zip(bucket.params, bucket.grads))
+            if p.numel() >= CPU_BLOCK
+            and p.dtype == torch.float32  # the int32 view of the bitwise mask
+            and p.is_contiguous()
+            and g.is_contiguous()
+        ]
+        if large:
+            _blocked_emocats(
+                bucket.subset(large), beta1=beta1, beta2=beta2, weight_decay=weight_decay
+            )
+            rest = sorted(set(range(len(bucket.params))) - set(large))
+            if rest:
+                _foreach_emocats(
+                    bucket.subset(rest), beta1=beta1, beta2=beta2, weight_decay=weight_decay
+                )
+            return
     kernel = {"foreach": _foreach_emocats, "single": _single_tensor_emocats}.get(bucket.impl)
     kernel = kernel or compiled(_single_tensor_emocats)
     kernel(bucket, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
@@ -98,3 +118,33 @@ def _foreach_emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay
     # p -= lr * sign(c) in one pass (a list of 0-dim tensors: no host read of lr).
     torch._foreach_addcmul_(bucket.params, direction, [lr] * len(direction), value=-1.0)
     torch._foreach_lerp_(exp_avgs, grads, bucket.blend(1.0 - beta2))
+
+
+def _blocked_emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float) -> None:
+    """The rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK`` elements.
+
+    Each block's masked gradient and sign direction live in two reused scratch buffers that
+    stay in L2, so a tensor is streamed from memory once (~2x faster than the multi-tensor
+    kernel's full-size temporaries, which cost DRAM traffic and page faults).
+    """
+    lr = bucket.step_lr()
+    shrink = 1.0 - lr * weight_decay
+    blend = (bucket.valid * (1.0 - beta2)).to(lr.dtype)
+    keep = bucket.valid.to(torch.int32).neg()  # all bits set on a valid step, none on a skip
+    grad_block = torch.empty(CPU_BLOCK, dtype=torch.int32)
+    direction_block = torch.empty(CPU_BLOCK, dtype=lr.dtype)
+    for p, g, m in zip(bucket.params, bucket.grads, bucket.states["exp_avg"]):
+        flat_p, flat_g, flat_m = p.view(-1), g.view(-1), m.view(-1)
+        for start in range(0, flat_p.numel(), CPU_BLOCK):
+            block = slice(start, start + CPU_BLOCK)
+            size = flat_p[block].numel()
+            # The gradient masked bitwise: +0.0 everywhere on a skipped step (nan/inf included).
+            g_block = torch.bitwise_and(
+                flat_g[block].view(torch.int32), keep, out=grad_block[:size]
+            ).view(lr.dtype)
+            direction = torch.lerp(flat_m[block], g_block, 1.0 - beta1, out=direction_block[:size])
+            direction.sign_()
+            p_block = flat_p[block]
+            p_block.mul_(shrink)
+            p_block.addcmul_(direction, lr, value=-1.0)
+            flat_m[block].lerp_(g_block, blend)

@@ -1,7 +1,8 @@
-"""EmoAiry's blocked CPU kernel (row blocks, stacks of same-shape matrices) equals the reference.
+"""The blocked CPU kernels (EmoAiry: row blocks and stacks; EmoCats: flat blocks) equal the
+reference.
 
-Small block and stack sizes force every arrangement onto small tensors: a matrix split into
-row blocks, stacks of LoRA-like pairs, 3-D, channels-last and non-contiguous parameters, zero
+Small block and stack sizes force every arrangement onto small tensors: matrices split into
+blocks, stacks of LoRA-like pairs, 3-D, channels-last and non-contiguous parameters, zero
 rows, an all-zero gradient, vectors and scalars; skipped steps must leave everything bitwise.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emo_core import EmoAiry
+from emo_core import EmoAiry, EmoCats, emocats
 from emo_core import _emoairy_blocked as blocked
 from tests.core.cases import scripted_losses
 from tests.reference import ReferenceOptimizer
@@ -43,15 +44,20 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.int32)  # -0.0 and +0.0 differ here
 
 
-@pytest.mark.parametrize("sizes", [(7, 7), (1 << 10, 1 << 12)], ids=["tiny-blocks", "stacks"])
-def test_blocked_kernel_matches_reference_and_skips_bitwise(sizes, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("name", "sizes"),
+    [("emoairy", (7, 7)), ("emoairy", (1 << 10, 1 << 12)), ("emocats", (7, 0))],
+    ids=["emoairy-tiny-blocks", "emoairy-stacks", "emocats-tiny-blocks"],
+)
+def test_blocked_kernel_matches_reference_and_skips_bitwise(name, sizes, monkeypatch) -> None:
     monkeypatch.setattr(blocked, "BLOCK", sizes[0])
     monkeypatch.setattr(blocked, "STACK", sizes[1])
+    monkeypatch.setattr(emocats, "CPU_BLOCK", sizes[0])
     ours = [torch.nn.Parameter(t) for t in _params()]
     theirs = _params()
     assert not ours[-2].is_contiguous() and not ours[-1].is_contiguous()
-    opt = EmoAiry(ours)
-    ref = ReferenceOptimizer("emoairy", theirs)
+    opt = {"emoairy": EmoAiry, "emocats": EmoCats}[name](ours)
+    ref = ReferenceOptimizer(name, theirs)
     for step, loss in enumerate(scripted_losses(40)):
         for p, q, g in zip(ours, theirs, _grads(ours, step)):
             p.grad, q.grad = g.clone(), g.clone()
@@ -64,7 +70,7 @@ def test_blocked_kernel_matches_reference_and_skips_bitwise(sizes, monkeypatch) 
                 assert torch.equal(_bits(p.detach()), _bits(old))
                 assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
     for i, (a, b) in enumerate(zip(ours, theirs)):
-        if i == ALL_ZERO:  # the literal reference divides 0 by mean(R) = 0 here
+        if i == ALL_ZERO and name == "emoairy":  # the reference divides 0 by mean(R) = 0
             assert torch.isfinite(a).all()
             continue
         torch.testing.assert_close(a.detach(), b, rtol=1e-6, atol=1e-6)
