@@ -27,7 +27,8 @@ JSON fields (non-finite numbers are ``null``):
   ``title``, ``params``, ``tensors``), ``results``: one object per (layout, optimizer) with
   ``layout``, ``optimizer``, ``step_ms`` (median), ``step_ms_min``, ``ratio_fused``,
   ``ratio_foreach``, ``ratio_forloop`` (vs torch AdamW), ``state_bytes_per_param``,
-  ``syncs_per_step``, ``reads_per_step``; ``targets`` (``target``, ``measured``, ``met``),
+  ``syncs_per_step``, ``reads_per_step``, ``first_step_s`` (the untimed first call:
+  allocation, and compiling for ``compile_update`` rows); ``targets`` (``target``, ``measured``, ``met``),
   ``roofline`` (CUDA with ``--roofline``, else null), ``files``.
 - demo: ``{"command": "demo", "quality": <quality>, "speed": <speed>}``.
 """

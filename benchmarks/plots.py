@@ -102,8 +102,10 @@ def plot_speed(doc: dict[str, Any], path: Path) -> Path:
         rows = [r for r in doc["results"] if r["layout"] == layout["name"]]
         names = [r["optimizer"] for r in rows]
         ratios = [r["ratio_fused"] if r["ratio_fused"] is not None else 0.0 for r in rows]
-        colors = [_COLORS.get(n, "#d62728" if n.startswith("Emo") else "#1f77b4") for n in names]
-        ax.barh(range(len(rows)), ratios, color=colors)
+        # A variant ("EmoCats compile_update") in its optimizer's colour, hatched.
+        colors = [_COLORS.get(n, _COLORS.get(n.split()[0], "#1f77b4")) for n in names]
+        hatches = ["//" if n not in _COLORS and n.split()[0] in _COLORS else "" for n in names]
+        ax.barh(range(len(rows)), ratios, color=colors, hatch=hatches, edgecolor="white")
         ax.set_yticks(range(len(rows)), names, fontsize=8)
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", lw=0.8)

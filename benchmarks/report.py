@@ -153,6 +153,12 @@ def quality_json(
     }
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1f} s" if value >= 0.1 else f"{value * 1e3:.0f} ms"
+
+
 def speed_markdown(doc: dict[str, Any]) -> str:
     """The speed report: one table per layout, then the targets."""
     s = doc["settings"]
@@ -169,7 +175,9 @@ def speed_markdown(doc: dict[str, Any]) -> str:
         "(including 0-dim step counters and the Emo loss sensor) / parameter count. "
         "*syncs/step*: host reads of device values counted during 3 steps (`.item()`, "
         "`bool()`, `float()`, `.tolist()`, `.cpu()`...; on CUDA also kernel-level syncs); "
-        "*reads/step* also counts torch's deliberately host-side `step` counters.",
+        "*reads/step* also counts torch's deliberately host-side `step` counters. "
+        "*first step*: the untimed first call, which allocates the state and, for "
+        "`compile_update` rows (the opt-in `torch.compile`d update), compiles.",
         "",
     ]
     for layout in doc["layouts"]:
@@ -180,8 +188,8 @@ def speed_markdown(doc: dict[str, Any]) -> str:
             f"{layout['params'] / 1e6:.1f}M parameters in {layout['tensors']} tensors",
             "",
             "| optimizer | ms/step | × AdamW fused | × AdamW foreach | × AdamW for-loop | "
-            "state B/param | syncs/step | reads/step |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "state B/param | syncs/step | reads/step | first step |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             name = f"**{r['optimizer']}**" if r["optimizer"].startswith("Emo") else r["optimizer"]
@@ -189,7 +197,7 @@ def speed_markdown(doc: dict[str, Any]) -> str:
                 f"| {name} | {r['step_ms']:.2f} | {_ratio(r['ratio_fused'])} | "
                 f"{_ratio(r['ratio_foreach'])} | {_ratio(r['ratio_forloop'])} | "
                 f"{r['state_bytes_per_param']:.3f} | {r['syncs_per_step']:g} | "
-                f"{r['reads_per_step']:g} |"
+                f"{r['reads_per_step']:g} | {_seconds(r.get('first_step_s'))} |"
             )
         lines.append("")
     if doc.get("targets"):

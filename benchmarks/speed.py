@@ -256,10 +256,11 @@ def run_speed(
             params = _copy_params(master)  # own copy: some optimizers write into p.grad
             opt = entry.build(params)
             stepper = _Stepper(opt, device, entry.compiled)
-            for _ in range(warmup + 2 * entry.compiled):
+            first_s = _time_block(stepper, 1, device)  # allocates state; compiles if compiled
+            for _ in range(max(0, warmup - 1) + 2 * entry.compiled):
                 stepper()
             syncs, reads = count_syncs(stepper, opt)
-            built.append((entry, params, stepper, syncs, reads, state_bytes(opt)))
+            built.append((entry, params, stepper, syncs, reads, state_bytes(opt), first_s))
             bar.update()
         times: dict[str, list[float]] = {e.name: [] for e in entries}
         for r in range(repeats):
@@ -270,7 +271,7 @@ def run_speed(
                 bar.update()
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         refs = {name: medians.get(name) for name in REFERENCE}
-        for entry, _, _, syncs, reads, nbytes in built:
+        for entry, _, _, syncs, reads, nbytes, first_s in built:
             ms = medians[entry.name] * 1e3
             results.append(
                 {
@@ -284,6 +285,7 @@ def run_speed(
                     "state_bytes_per_param": nbytes / numel,
                     "syncs_per_step": syncs,
                     "reads_per_step": reads,
+                    "first_step_s": first_s,
                 }
             )
         del built, master

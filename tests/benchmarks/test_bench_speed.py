@@ -137,7 +137,9 @@ def test_run_speed_reports_documented_fields_with_reference_ratios() -> None:
             "state_bytes_per_param",
             "syncs_per_step",
             "reads_per_step",
+            "first_step_s",
         }
+        assert r["first_step_s"] > 0
 
 
 def test_roofline_fraction_is_bound_over_measured_time() -> None:
