@@ -242,7 +242,7 @@ def run_speed(
     entries = entries or speed_entries(quick, device)
     chosen_layouts = chosen_layouts or layouts(quick)
     warmup = warmup if warmup is not None else (1 if quick else 2)
-    repeats = repeats if repeats is not None else (5 if quick else 7)
+    repeats = repeats if repeats is not None else (5 if quick else 11)
     steps = steps if steps is not None else (2 if quick else 3)
     results: list[dict[str, Any]] = []
     total = len(chosen_layouts) * len(entries) * (repeats + 1)
