@@ -337,6 +337,26 @@ def test_non_finite_step_changes_nothing_and_training_continues(
     assert not all(torch.equal(p, params_before[k]) for k, p in model.state_dict().items())
 
 
+@pytest.mark.parametrize("size", [(8, 16), (512, 256)], ids=["small-amp-check", "large-norm-check"])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_the_finite_check_flags_every_bad_value_and_leaves_gradients_bitwise(
+    size: tuple[int, int], bad: float | None
+) -> None:
+    """Both checks (the AMP kernel for small CPU gradients, 2-norms for large ones)."""
+    params = [torch.randn(size, requires_grad=True) for _ in range(3)]
+    opt = EmoSens(params)
+    set_random_grads(params, 0)
+    params[2].grad[1, 2] = -0.0
+    params[2].grad[0, 0] = 1e-45  # a subnormal
+    if bad is not None:
+        params[1].grad[3, 4] = bad
+    grads = [p.grad.clone() for p in params]
+    opt.step(loss=1.0)
+    for g, before in zip((p.grad for p in params), grads):
+        assert torch.equal(g.view(torch.int32), before.view(torch.int32))
+    assert int(opt.state["emo_pulse"]["skipped"]) == (bad is not None)
+
+
 # ------------------------------------------------------------------- resume
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
     params = list(model.parameters())
