@@ -35,6 +35,7 @@ from .pulse import init_sensor_state, pulse_update
 __all__ = [
     "COMMON_OPTIONS",
     "COMPILE_CHUNK",
+    "CPU_BLOCK",
     "Bucket",
     "EmoOptimizer",
     "common_options",
@@ -60,8 +61,8 @@ _REAL_DTYPE = {
 }
 DEFAULT_ROUNDING_SEED = 0x5EED
 # Tensors per call of a compiled update: inductor's compile time grows faster than the graph
-# (400 tensors in one graph: ~90 s on 2 cores; in chunks of 32: ~10 s), while the per-call
-# overhead of a chunk is a few microseconds.
+# (400 tensors in one graph: ~90 s on 2 cores; in chunks of 32: ~6 s), while a call costs
+# ~0.1-0.3 ms (guards on its tensors), which matters only for many small tensors.
 COMPILE_CHUNK = 32
 SENSOR_STATE_KEY = "emo_pulse"
 META_STATE_KEY = "emo_meta"
@@ -138,6 +139,12 @@ class Bucket:
             grads=[self.grads[i] for i in indices],
             states={key: [values[i] for i in indices] for key, values in self.states.items()},
         )
+
+    def split(self, indices: list[int]) -> tuple[Bucket, Bucket | None]:
+        """The tensors at ``indices``, and the others (None if there are none)."""
+        chosen = set(indices)
+        rest = [i for i in range(len(self.params)) if i not in chosen]
+        return self.subset(indices), (self.subset(rest) if rest else None)
 
     def chunks(self, size: int) -> Iterator[Bucket]:
         """The bucket in consecutive parts of at most ``size`` tensors."""

@@ -40,10 +40,9 @@ def blocked_emoairy(
     """
     rows = bucket.states.get("row_var", [None] * len(bucket.params))
     blocked = [i for i, p in enumerate(bucket.params) if rows[i] is not None and p.numel()]
-    rest = sorted(set(range(len(bucket.params))) - set(blocked))
-    rest_bucket = bucket.subset(rest) if rest else None
     if not blocked:
-        return rest_bucket
+        return bucket
+    _, rest_bucket = bucket.split(blocked)
     by_shape: dict[torch.Size, list[int]] = {}
     for i in blocked:
         by_shape.setdefault(bucket.params[i].shape, []).append(i)

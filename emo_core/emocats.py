@@ -81,14 +81,10 @@ def emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float) 
             and g.is_contiguous()
         ]
         if large:
-            _blocked_emocats(
-                bucket.subset(large), beta1=beta1, beta2=beta2, weight_decay=weight_decay
-            )
-            rest = sorted(set(range(len(bucket.params))) - set(large))
-            if rest:
-                _foreach_emocats(
-                    bucket.subset(rest), beta1=beta1, beta2=beta2, weight_decay=weight_decay
-                )
+            blocked, rest = bucket.split(large)
+            _blocked_emocats(blocked, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+            if rest is not None:
+                _foreach_emocats(rest, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
             return
     kernel = {"foreach": _foreach_emocats, "single": _single_tensor_emocats}.get(bucket.impl)
     kernel = kernel or compiled(_single_tensor_emocats)

@@ -76,8 +76,8 @@ class EmoSens(EmoOptimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool | None = None,
         foreach: bool | None = None,
-        compile_update: bool = False,
         fused: bool | None = None,
+        compile_update: bool = False,
         writer: Any | None = None,
         log_every: int = 1,
     ) -> None:
