@@ -485,15 +485,12 @@ class EmoOptimizer(Optimizer):
                     self._init_full_state(p, group, dtype)
             state_copies: list[tuple[Tensor, Tensor]] = []
             keys = dict.fromkeys(k for state in per_param for k in state if k != "shadow")
-            states = {
-                key: [
-                    _as_compute(state.get(key), compute_dtype, state_copies)
-                    if key != "step"
-                    else state.get(key)
-                    for state in per_param
-                ]
-                for key in keys
-            }
+            states = {key: [state.get(key) for state in per_param] for key in keys}
+            for key, values in states.items():
+                if key != "step" and any(
+                    v is not None and v.dtype is not compute_dtype for v in values
+                ):  # state kept in another dtype (state_dtype, or a loaded checkpoint)
+                    states[key] = [_as_compute(v, compute_dtype, state_copies) for v in values]
             param_copies: list[tuple[Tensor, Tensor]] = []
             if originals[0].dtype == compute_dtype:  # real, and no copies (the common case)
                 work_params, work_grads = originals, [p.grad for p in originals]
