@@ -54,7 +54,7 @@ def blocked_emoairy(
     shared = _Shared(
         lr=lr,
         shrink=1.0 - lr * weight_decay,
-        keep_bits=bucket.valid.to(torch.int32).neg(),  # all 32 bits set on a valid step
+        keep_bits=bucket.keep_bits(torch.int32),
         beta2=beta2,
         eps=eps,
         clip=clip,

@@ -126,7 +126,7 @@ def _blocked_emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay
     lr = bucket.step_lr()
     shrink = 1.0 - lr * weight_decay
     blend = (bucket.valid * (1.0 - beta2)).to(lr.dtype)
-    keep = bucket.valid.to(torch.int32).neg()  # all bits set on a valid step, none on a skip
+    keep = bucket.keep_bits(torch.int32)
     grad_block = torch.empty(CPU_BLOCK, dtype=torch.int32)
     direction_block = torch.empty(CPU_BLOCK, dtype=lr.dtype)
     for p, g, m in zip(bucket.params, bucket.grads, bucket.states["exp_avg"]):
