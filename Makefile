@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m benchmarks demo
+	$(BIN)/python -m emo_bench demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli
+from emo_bench import cli
 
 
 def _run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from benchmarks.contenders import Contender, quality_contenders
-from benchmarks.quality import mark_roles, run_one, run_quality
-from benchmarks.workloads import WORKLOADS, get_workloads
+from emo_bench.contenders import Contender, quality_contenders
+from emo_bench.quality import mark_roles, run_one, run_quality
+from emo_bench.workloads import WORKLOADS, get_workloads
 
 CPU = torch.device("cpu")
 CONTENDERS = quality_contenders()
@@ -85,7 +85,7 @@ def test_tuned_adamw_is_best_of_sweep_and_gaps_have_the_right_sign() -> None:
 
 
 def test_mark_roles_prefers_higher_metric_when_higher_is_better() -> None:
-    from benchmarks.quality import QualityRow
+    from emo_bench.quality import QualityRow
 
     def row(lr: float, mean: float, diverged: int = 0) -> QualityRow:
         return QualityRow(

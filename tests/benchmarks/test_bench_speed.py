@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from benchmarks.speed import (
+from emo_bench.speed import (
     Layout,
     SpeedEntry,
     check_targets,
@@ -16,7 +16,7 @@ from benchmarks.speed import (
     speed_entries,
     state_bytes,
 )
-from benchmarks.syncs import count_host_reads
+from emo_bench.syncs import count_host_reads
 from emo_core import EmoAiry, EmoCats, EmoSens
 
 

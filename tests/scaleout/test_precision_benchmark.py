@@ -1,4 +1,4 @@
-"""``python -m benchmarks.precision`` runs end to end and writes its table (tiny settings)."""
+"""``python -m emo_bench.precision`` runs end to end and writes its table (tiny settings)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from benchmarks import precision  # noqa: E402
+from emo_bench import precision  # noqa: E402
 
 
 def test_precision_benchmark_writes_the_table(tmp_path, capsys) -> None:

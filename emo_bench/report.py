@@ -143,7 +143,7 @@ def quality_json(
     machine: dict[str, Any],
     files: dict[str, str],
 ) -> dict[str, Any]:
-    """Documented fields: see ``benchmarks.cli`` (``--json``)."""
+    """Documented fields: see ``emo_bench.cli`` (``--json``)."""
     return {
         "command": "quality",
         "settings": settings,

@@ -2,5 +2,5 @@
 Schedule-Free AdamW and Lion on small offline workloads.
 
 Run ``emo-bench quality``, ``emo-bench speed`` or ``emo-bench demo`` (also
-``python -m benchmarks ...``); see :mod:`benchmarks.cli`. Nothing runs at import time.
+``python -m emo_bench ...``); see :mod:`emo_bench.cli`. Nothing runs at import time.
 """

@@ -8,7 +8,7 @@ Subcommands::
 
 Each writes ``<out>/quality.md`` + ``quality.png`` + ``quality.json`` (or ``speed.*``) and
 prints the markdown table; with ``--json`` it prints the JSON document instead. Full runs go
-to ``benchmarks/results/``, ``--quick`` runs to ``benchmarks/results/quick/`` (``--out``
+to ``emo_bench/results/``, ``--quick`` runs to ``emo_bench/results/quick/`` (``--out``
 changes both).
 
 JSON fields (non-finite numbers are ``null``):
@@ -135,7 +135,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="results folder (default: benchmarks/results, quick: .../quick)",
+        help="results folder (default: emo_bench/results, quick: .../quick)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the JSON document instead of the markdown table"
@@ -351,7 +351,7 @@ def run_speed_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``emo-bench`` and ``python -m benchmarks``."""
+    """Entry point of ``emo-bench`` and ``python -m emo_bench``."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.command_line = " ".join(["emo-bench", *map(shlex.quote, argv)])

@@ -12,10 +12,10 @@ Reported per cell: the final training loss and validation accuracy of the learne
 seeds, and the share of weights that moved from their initial value at all: an update
 smaller than half of bf16's spacing (2^-8 relative) is rounded away by RTN.
 
-    python -m benchmarks.precision                # 800 steps x 3 seeds, about a minute on one core
-    python -m benchmarks.precision --steps 200 --seeds 1
+    python -m emo_bench.precision                # 800 steps x 3 seeds, about a minute on one core
+    python -m emo_bench.precision --steps 200 --seeds 1
 
-Prints the markdown table and writes it to ``benchmarks/results/precision.md``.
+Prints the markdown table and writes it to ``emo_bench/results/precision.md``.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def table(results: dict[tuple[str, str], list[dict[str, float]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m emo_bench.precision", description=__doc__)
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps per run")
     parser.add_argument("--seeds", type=int, default=3, help="runs per cell (seeds 0..n-1)")
     parser.add_argument(
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, precision, seed in tqdm(runs, desc="precision runs", unit="run"):
         results.setdefault((name, precision), []).append(train(name, precision, seed, args.steps))
     wall = time.perf_counter() - start
-    command = shlex.join(["python", "-m", "benchmarks.precision", *(argv or sys.argv[1:])])
+    command = shlex.join(["python", "-m", "emo_bench.precision", *(argv or sys.argv[1:])])
     markdown = "\n".join(
         [
             "# bf16 vs fp32: digits MLP (64-128-128-10) trained fully in bf16",
