@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 
 from ._validation import as_bool, as_float_dtype, as_int, check_range, loss_to_tensor
 from .distributed import all_reduce_loss_, local_shard
+from .metrics import metric_values
 from .precision import LOW_PRECISION, copy_stochastic_, default_state_dtype
 from .pulse import init_sensor_state, pulse_update
 
@@ -620,9 +621,7 @@ class EmoOptimizer(Optimizer):
         }
 
     def _log(self, step: int) -> None:
-        from .adapters import log_metrics  # adapters imports this module
-
-        for tag, value in log_metrics(self).items():
+        for tag, value in metric_values(self).items():
             self.writer.add_scalar(tag, value, step)
 
     # ------------------------------------------------------------------ resume

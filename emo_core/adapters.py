@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._base import EmoOptimizer
+from .metrics import metric_values
 
 __all__ = ["log_metrics", "unwrap"]
 
@@ -35,12 +36,4 @@ def unwrap(optimizer: Any) -> EmoOptimizer | None:
 def log_metrics(optimizer: Any, prefix: str = "emo/") -> dict[str, float]:
     """``{prefix}lr`` (one key per group beyond the first), scalar, trust, skipped_steps."""
     emo = unwrap(optimizer)
-    if emo is None:
-        return {}
-    values = emo.telemetry()
-    lrs = emo.get_effective_lr()
-    metrics = {f"{prefix}lr": lrs[0]} if lrs else {}
-    metrics.update({f"{prefix}lr_group{i}": lr for i, lr in enumerate(lrs[1:], start=1)})
-    for key in ("scalar", "trust", "noise", "pulse", "skipped_steps"):
-        metrics[f"{prefix}{key}"] = values[key]
-    return metrics
+    return {} if emo is None else metric_values(emo, prefix)
