@@ -8,8 +8,9 @@ Subcommands::
 
 Each writes ``<out>/quality.md`` + ``quality.png`` + ``quality.json`` (or ``speed.*``) and
 prints the markdown table; with ``--json`` it prints the JSON document instead. Full runs go
-to ``emo_bench/results/``, ``--quick`` runs to ``emo_bench/results/quick/`` (``--out``
-changes both).
+to ``emo_bench/results/``, ``--quick`` runs to ``emo_bench/results/quick/`` when run from a
+clone; an installed (non-editable) package writes to ``./emo-bench-results/`` (``/quick``)
+in the working directory instead of site-packages. ``--out`` changes both.
 
 JSON fields (non-finite numbers are ``null``):
 
@@ -52,7 +53,11 @@ from .workloads import get_workloads
 
 __all__ = ["main", "run_quality_command", "run_speed_command"]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# A clone keeps its results next to the code (the committed tables); an installed package
+# must not write into site-packages, so it writes to the working directory instead.
+RUNNING_FROM_CLONE = (_PACKAGE_DIR.parent / "pyproject.toml").is_file()
+RESULTS_DIR = _PACKAGE_DIR / "results" if RUNNING_FROM_CLONE else Path("emo-bench-results")
 
 
 def _slug(name: str) -> str:
@@ -135,7 +140,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="results folder (default: emo_bench/results, quick: .../quick)",
+        help="results folder (default: emo_bench/results in a clone, ./emo-bench-results when "
+        "installed; --quick adds /quick)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the JSON document instead of the markdown table"

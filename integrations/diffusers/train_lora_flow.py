@@ -2,7 +2,7 @@
 
 Reads like diffusers' ``train_dreambooth_lora_sd3.py``, in small pieces, and runs offline:
 
-    python -m emo_diffusers.train_lora_flow --config configs/diffusers/tiny_sd3_lora.yaml \\
+    python -m emo_diffusers.train_lora_flow --config tiny_sd3_lora \\
         --optimizer emosens --mixed_precision bf16 --max_train_steps 300 --output_dir out/lora
 
 * base: a local diffusers transformer directory (``--pretrained_model_name_or_path``), or a
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from emo_configs import ConfigNotFoundError, resolve_config, shipped_configs
 from emo_core import log_metrics, unwrap
 
 from .checkpointing import register_trainable_checkpointing
@@ -81,7 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m emo_diffusers.train_lora_flow",
         description="LoRA flow-matching fine-tuning (SD3/Flux transformer) with Emo optimizers.",
     )
-    p.add_argument("--config", default=None, help="YAML file of defaults; keys = flag names.")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of defaults (keys = flag names), or a shipped one by name: "
+        + ", ".join(Path(name).stem for name in shipped_configs("diffusers")),
+    )
     g = p.add_argument_group("model")
     g.add_argument(
         "--pretrained_model_name_or_path",
@@ -166,9 +172,10 @@ def _parser() -> argparse.ArgumentParser:
 def _load_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     import yaml
 
-    config_path = Path(path)
-    if not config_path.is_file():
-        parser.error(f"--config {path!r}: no such file")
+    try:
+        config_path = resolve_config(path, "diffusers")  # a path or a shipped name
+    except ConfigNotFoundError as error:
+        parser.error(f"--config: {error}")
     data = yaml.safe_load(config_path.read_text()) or {}
     if not isinstance(data, dict):
         parser.error(f"--config {path!r}: expected a mapping of flag names to values")

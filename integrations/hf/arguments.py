@@ -12,6 +12,7 @@ transformers' 5e-5 otherwise.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from transformers.training_args import OptimizerNames
 
 from emo_core import OPTIMIZERS, get_optimizer
 
-from .optim_args import parse_optim_args
+from .optim_args import FlagError, did_you_mean, parse_optim_args
 
 __all__ = ["EMO_OPTIM_NAMES", "EmoTrainingArguments", "canonical_optim_name", "emo_optim_name"]
 
@@ -36,13 +37,16 @@ _EMO_DEFAULT_LR = 1.0
 
 
 def canonical_optim_name(name: str | OptimizerNames) -> str:
-    """The lower-case optimizer name; ``ValueError`` listing every valid name otherwise."""
+    """The lower-case optimizer name; otherwise a ``FlagError`` (a ``ValueError``, flag
+    ``optim``) with the closest name ("did you mean") and every valid one."""
     text = name.value if isinstance(name, OptimizerNames) else name
     key = text.strip().lower() if isinstance(text, str) else text
     if key not in _ALL_OPTIM_NAMES:
-        raise ValueError(
-            f"Invalid optim: {name!r}. Emo optimizers: {', '.join(EMO_OPTIM_NAMES)}; "
-            f"transformers optimizers: {', '.join(_NATIVE_OPTIM_NAMES)}"
+        hint = did_you_mean(key, _ALL_OPTIM_NAMES) if isinstance(key, str) else ""
+        raise FlagError(
+            "optim",
+            f"Invalid optim: {name!r}{hint}. Emo optimizers: {', '.join(EMO_OPTIM_NAMES)}; "
+            f"transformers optimizers: {', '.join(_NATIVE_OPTIM_NAMES)}",
         )
     return key
 
@@ -77,9 +81,10 @@ class EmoTrainingArguments(TrainingArguments):
     optim: str = field(
         default=_DEFAULT_OPTIM,
         metadata={
+            # No argparse "choices": canonical_optim_name checks the name (any case) and
+            # suggests the closest one, which argparse's "invalid choice" cannot.
             "help": "The optimizer: emosens, emoairy, emocats (loss-driven, no LR to tune) or "
-            "any transformers `OptimizerNames` value.",
-            "choices": list(_ALL_OPTIM_NAMES),
+            f"any transformers optimizer ({', '.join(_NATIVE_OPTIM_NAMES)}).",
         },
     )
     emo_stop_on_signal: bool = field(
@@ -93,7 +98,7 @@ class EmoTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         name = canonical_optim_name(self.optim)
         emo = name in OPTIMIZERS
-        self.learning_rate = self._resolve_learning_rate(self.learning_rate, name)
+        self.learning_rate = self._resolve_learning_rate(self.learning_rate, name, stacklevel=5)
         if not emo:
             self.optim = name
             super().__post_init__()
@@ -114,7 +119,7 @@ class EmoTrainingArguments(TrainingArguments):
         """Like ``TrainingArguments.set_optimizer``, also for Emo names (lr default 1.0)."""
         canonical = canonical_optim_name(name)
         emo = canonical in OPTIMIZERS
-        learning_rate = self._resolve_learning_rate(learning_rate, canonical)
+        learning_rate = self._resolve_learning_rate(learning_rate, canonical, stacklevel=4)
         placeholder = _DEFAULT_OPTIM if emo else canonical
         super().set_optimizer(name=placeholder, learning_rate=learning_rate, **kwargs)
         self.optim = canonical if emo else OptimizerNames(canonical)
@@ -123,22 +128,33 @@ class EmoTrainingArguments(TrainingArguments):
         return self
 
     def _check_emo_arguments(self, name: str) -> None:
-        """Fail now, not at the first step: build the optimizer once on a dummy parameter."""
+        """Fail now, not at the first step: build the optimizer once on a dummy parameter.
+
+        An error about a value from ``optim_args`` is a ``FlagError`` for ``optim_args``.
+        """
         optimizer_cls = get_optimizer(name)
         kwargs = parse_optim_args(self.optim_args, optimizer_cls)
         dummy = [torch.nn.Parameter(torch.zeros(1))]
-        optimizer_cls(dummy, lr=self.learning_rate, weight_decay=self.weight_decay, **kwargs)
+        try:
+            optimizer_cls(dummy, lr=self.learning_rate, weight_decay=self.weight_decay, **kwargs)
+        except ValueError as error:
+            if any(key in str(error) for key in kwargs):
+                raise FlagError("optim_args", f"{error} (optim_args={self.optim_args!r})") from None
+            raise
 
     @staticmethod
-    def _resolve_learning_rate(learning_rate: float | None, name: str) -> float:
+    def _resolve_learning_rate(learning_rate: float | None, name: str, stacklevel: int) -> float:
         if name not in OPTIMIZERS:
             return _NATIVE_DEFAULT_LR if learning_rate is None else learning_rate
         if learning_rate is None:
-            logger.info(
-                "optim=%s: learning_rate not set, using %s. emoPulse sets the learning rate "
-                "from the loss; learning_rate and the LR scheduler multiply it.",
-                name,
-                _EMO_DEFAULT_LR,
+            # warnings.warn, not a log line: transformers' logging is not set up yet when the
+            # arguments are built, so an INFO record would reach nobody.
+            warnings.warn(
+                f"optim={name}: learning_rate not set, using {_EMO_DEFAULT_LR}. emoPulse sets "
+                "the learning rate from the loss; learning_rate and the LR scheduler multiply "
+                "it (the logged learning_rate is the LR applied).",
+                UserWarning,
+                stacklevel=stacklevel,  # the line that built the arguments
             )
             return _EMO_DEFAULT_LR
         if learning_rate < 0.1:

@@ -9,14 +9,16 @@ optimizer's ``__init__`` annotations, so a mistake fails before training, naming
 from __future__ import annotations
 
 import ast
+import difflib
 import inspect
 import types
 import typing
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["optimizer_keywords", "parse_optim_args"]
+__all__ = ["FlagError", "did_you_mean", "optimizer_keywords", "parse_optim_args"]
 
 # Set from other TrainingArguments fields, or not expressible as a literal.
 _RESERVED = {
@@ -24,9 +26,23 @@ _RESERVED = {
     "lr": "use learning_rate (1.0 by default for Emo optimizers)",
     "weight_decay": "use weight_decay; the Trainer exempts biases and norms from it",
     "process_group": "not expressible as text; the default (WORLD) is used",
-    "writer": "use report_to (the Trainer logs emo_lr, emo_scalar, emo_trust)",
+    "writer": "use report_to (the Trainer logs learning_rate, emo_scalar, emo_trust)",
     "log_every": "the Trainer logs the Emo metrics every logging_steps",
 }
+
+
+class FlagError(ValueError):
+    """A bad value of one training argument; ``flag`` names it, so a CLI can say which."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(message)
+        self.flag = flag
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'emosens'?)"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(name.lower(), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def optimizer_keywords(optimizer_cls: type) -> dict[str, Any]:
@@ -46,8 +62,8 @@ def parse_optim_args(text: str | None, optimizer_cls: type) -> dict[str, Any]:
     """Parse ``"use_shadow=True,betas=(0.9,0.99)"`` into checked kwargs for ``optimizer_cls``.
 
     Raises:
-        ValueError: naming the entry, for a malformed entry, an unknown or reserved key, or a
-            value of the wrong type.
+        FlagError: (a ``ValueError``, ``flag="optim_args"``) naming the entry, for a malformed
+            entry, an unknown or reserved key, or a value of the wrong type.
     """
     if text is None or not text.strip():
         return {}
@@ -58,19 +74,23 @@ def parse_optim_args(text: str | None, optimizer_cls: type) -> dict[str, Any]:
         key, sep, raw = entry.partition("=")
         key, raw = key.strip(), raw.strip()
         if not sep or not key or not raw:
-            raise ValueError(
+            raise FlagError(
+                "optim_args",
                 f"Invalid optim_args entry {entry.strip()!r}: expected key=value, "
-                'e.g. "use_shadow=True,betas=(0.9,0.99)"'
+                'e.g. "use_shadow=True,betas=(0.9,0.99)"',
             )
         if key in _RESERVED:
-            raise ValueError(f"Invalid optim_args key {key!r} for {name}: {_RESERVED[key]}")
+            raise FlagError(
+                "optim_args", f"Invalid optim_args key {key!r} for {name}: {_RESERVED[key]}"
+            )
         if key not in allowed:
-            raise ValueError(
-                f"Invalid optim_args key {key!r} for {name}; accepted keys: "
-                f"{', '.join(sorted(allowed))}"
+            raise FlagError(
+                "optim_args",
+                f"Invalid optim_args key {key!r} for {name}{did_you_mean(key, allowed)}; "
+                f"accepted keys: {', '.join(sorted(allowed))}",
             )
         if key in kwargs:
-            raise ValueError(f"Invalid optim_args: {key!r} given twice")
+            raise FlagError("optim_args", f"Invalid optim_args: {key!r} given twice")
         kwargs[key] = _coerce(key, raw, allowed[key], name)
     return kwargs
 
@@ -101,8 +121,9 @@ def _coerce(key: str, raw: str, hint: Any, owner: str) -> Any:
         value = raw  # bare words, e.g. state_dtype=bfloat16
     ok, converted = _conform(value, hint)
     if not ok:
-        raise ValueError(
-            f"Invalid optim_args value {key}={raw!r} for {owner}: expected {_describe(hint)}"
+        raise FlagError(
+            "optim_args",
+            f"Invalid optim_args value {key}={raw!r} for {owner}: expected {_describe(hint)}",
         )
     return converted
 

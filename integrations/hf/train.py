@@ -3,6 +3,7 @@
     python -m emo_hf.train --optim emosens --output_dir out/emosens --max_steps 200
     python -m emo_hf.train --optim emocats --optim_args "use_shadow=True" --output_dir out/c
     python -m emo_hf.train configs/hf/emosens_lora.json --max_steps 50   # JSON, then overrides
+    python -m emo_hf.train emosens --max_steps 50       # a shipped config by name (emo_configs)
     torchrun --nproc_per_node 2 -m emo_hf.train configs/hf/emosens.json --use_cpu true  # DDP, gloo
 
 Every ``TrainingArguments`` flag works (``EmoTrainingArguments``), plus the model and data
@@ -37,8 +38,11 @@ from transformers import (
 )
 from transformers.training_args import ParallelMode
 
+from emo_configs import ConfigNotFoundError, resolve_config
+
 from .arguments import EmoTrainingArguments
 from .data import build_byte_tokenizer, split_blocks, stdlib_text
+from .optim_args import FlagError
 from .trainer import EmoTrainer
 
 __all__ = ["DataArguments", "ModelArguments", "build_model", "main", "parse_args"]
@@ -80,18 +84,40 @@ class DataArguments:
 def parse_args(
     argv: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, EmoTrainingArguments]:
-    """Parse flags; a leading ``*.json`` file supplies defaults that later flags override."""
+    """Parse flags; a leading JSON config supplies defaults that later flags override.
+
+    The config is a path or a shipped name (``emosens``, ``hf/emosens.json``; see
+    ``emo_configs``). Bad input exits with an argparse-style message naming the flag (exit
+    status 2), not a traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     dataclass_types = (ModelArguments, DataArguments, EmoTrainingArguments)
     parser = HfArgumentParser(dataclass_types)
-    if argv and argv[0].endswith(".json"):
-        config = json.loads(Path(argv.pop(0)).read_text())
-        known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"Invalid keys in the JSON config: {', '.join(unknown)}")
-        parser.set_defaults(**config)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    parser.prog = "python -m emo_hf.train"
+    parser.usage = "%(prog)s [CONFIG] [--flag value ...]   (--help lists every flag)"
+    if argv and not argv[0].startswith("-"):
+        parser.set_defaults(**_read_config(parser, argv.pop(0), dataclass_types))
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except FlagError as error:
+        parser.error(f"argument --{error.flag}: {error}")
+    except ValueError as error:  # TrainingArguments' own checks, unused arguments
+        parser.error(str(error))
+
+
+def _read_config(parser: HfArgumentParser, value: str, dataclass_types: tuple) -> dict:
+    try:
+        path = resolve_config(value, "hf")
+        config = json.loads(path.read_text())
+    except (ConfigNotFoundError, json.JSONDecodeError) as error:
+        parser.error(f"config {value!r}: {error}")
+    if not isinstance(config, dict):
+        parser.error(f"config {value!r}: expected a JSON object of flag names to values")
+    known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        parser.error(f"config {value!r}: invalid keys {', '.join(unknown)} (keys are flag names)")
+    return config
 
 
 def build_model(

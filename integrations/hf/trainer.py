@@ -12,9 +12,9 @@ Three public hooks, nothing patched:
   ``num_items_in_batch``), so it is multiplied by the number of micro-batches; the optimizer
   then senses their mean, which is the step's loss exactly as the Trainer logs it. Under DDP
   ``emo_core`` averages it across ranks.
-- ``log``: adds ``emo_lr``, ``emo_scalar``, ``emo_trust`` (and noise, pulse, skipped steps) to
-  the training logs, reports the effective LR as ``learning_rate`` (the scheduler's value
-  moves to ``scheduled_lr``), and stops training on the early-stop signal when
+- ``log``: reports the applied LR as ``learning_rate`` (the first group's; further groups as
+  ``emo_lr_group1``, ...; the scheduler's value, a multiplier, moves to ``scheduled_lr``) and
+  adds ``emo_scalar``, ``emo_trust`` (and noise, pulse, skipped steps) to the training logs, and stops training on the early-stop signal when
   ``args.emo_stop_on_signal`` is set. Reading these values syncs the device, so it happens
   only at ``logging_steps``.
 
@@ -88,7 +88,8 @@ class EmoTrainerMixin:
             metrics = log_metrics(emo, prefix="emo_")
             if "learning_rate" in logs:
                 logs["scheduled_lr"] = logs["learning_rate"]
-            logs["learning_rate"] = metrics["emo_lr"]
+            # One key per value: the applied LR is learning_rate, not also emo_lr.
+            logs["learning_rate"] = metrics.pop("emo_lr")
             logs.update(metrics)
         super().log(logs, start_time)
         if training_log and getattr(self.args, "emo_stop_on_signal", False) and emo.should_stop:

@@ -1,6 +1,7 @@
 """LightningCLI example: an MLP on scikit-learn's digits, trained by an Emo optimizer.
 
     python -m emo_lightning.example fit --config configs/lightning/digits.yaml
+    python -m emo_lightning.example fit --config digits_emocats    # a shipped config by name
 
 The optimizer comes from the config (``optimizer: class_path: emo_core.EmoSens``, or
 ``EmoAiry``/``EmoCats``), ``EmoCallback`` from ``trainer.callbacks``; the module has no
@@ -10,6 +11,7 @@ the validation accuracy is printed. The data ships with scikit-learn (no downloa
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -17,6 +19,8 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from emo_configs import ConfigNotFoundError, resolve_config
 
 __all__ = ["DigitsData", "DigitsMLP", "main"]
 
@@ -114,8 +118,36 @@ class EmoCLI(LightningCLI):
 
 
 def main(args: Sequence[str] | None = None) -> EmoCLI:
-    """Run the CLI (``args`` as on the command line; None = ``sys.argv``)."""
+    """Run the CLI (``args`` as on the command line; None = ``sys.argv``).
+
+    ``--config`` takes a path or a shipped config's name (``digits``, ``lightning/digits.yaml``).
+    """
+    args = resolve_config_args(list(sys.argv[1:] if args is None else args))
     return EmoCLI(DigitsMLP, DigitsData, args=args, save_config_kwargs={"overwrite": True})
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """``args`` with each ``--config``/``-c`` value that names a shipped config replaced by its
+    path; exits with status 2 and the shipped names for a name that matches nothing. Inline
+    YAML (``--config '{...}'``) passes through to LightningCLI unchanged."""
+    resolved = list(args)
+    for i, arg in enumerate(args):
+        flag, sep, value = arg.partition("=")
+        if sep and flag == "--config":
+            resolved[i] = f"--config={_config_path(value)}"
+        elif i > 0 and args[i - 1] in ("--config", "-c"):
+            resolved[i] = _config_path(arg)
+    return resolved
+
+
+def _config_path(value: str) -> str:
+    if any(ch in value for ch in "{}:\n"):  # inline YAML, not a file name
+        return value
+    try:
+        return str(resolve_config(value, "lightning"))
+    except ConfigNotFoundError as error:
+        print(f"error: --config: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import re
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ from transformers.training_args import OptimizerNames  # noqa: E402
 
 from emo_core import EmoAiry, EmoCats, EmoSens, unwrap  # noqa: E402
 from emo_hf import EmoTrainer, EmoTrainingArguments, parse_optim_args  # noqa: E402
+from emo_hf.train import parse_args  # noqa: E402
 
 EMO = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
 
@@ -61,22 +62,45 @@ def test_cli_parses_emo_optim_and_optim_args(tmp_path):
     assert parse_optim_args(args.optim_args, EmoCats) == {"use_shadow": True, "betas": (0.9, 0.99)}
 
 
-def test_cli_rejects_unknown_optim_listing_choices(tmp_path, capsys):
-    parser = HfArgumentParser(EmoTrainingArguments)
-    with pytest.raises(SystemExit):
-        parser.parse_args_into_dataclasses(
-            args=["--output_dir", str(tmp_path), "--optim", "emo"], look_for_args_file=False
-        )
+@pytest.mark.parametrize(("typo", "meant"), [("emosen", "emosens"), ("EmoCat", "emocats"),
+                                             ("adamw_torh", "adamw_torch")])
+def test_cli_mistyped_optim_says_did_you_mean_and_exits_2(tmp_path, capsys, typo, meant):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--output_dir", str(tmp_path), "--optim", typo])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--optim: invalid choice: 'emo'" in err
-    assert "emosens" in err and "adamw_torch" in err
+    assert f"error: argument --optim: Invalid optim: {typo!r} (did you mean {meant!r}?)" in err
+    assert "emosens" in err and "adamw_torch" in err  # and the full list
+    assert "Traceback" not in err
 
 
-def test_learning_rate_defaults_to_one_for_emo_and_says_so(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="emo_hf.arguments"):
+def test_no_suggestion_for_a_name_like_none(tmp_path):
+    with pytest.raises(ValueError, match=r"Invalid optim: 'zzzz'\. Emo optimizers"):
+        make_args(tmp_path, optim="zzzz")
+
+
+@pytest.mark.parametrize(
+    ("optim_args", "match"),
+    [
+        ("use_shadw=True", r"key 'use_shadw' for EmoSens \(did you mean 'use_shadow'\?\)"),
+        ("max_lr=fast", r"max_lr='fast' for EmoSens: expected float"),
+        ("max_lr=-1.0", r"max_lr: -1\.0.*\(optim_args='max_lr=-1\.0'\)"),
+    ],
+)
+def test_cli_bad_optim_args_name_the_flag_and_exit_2(tmp_path, capsys, optim_args, match):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--output_dir", str(tmp_path), "--optim", "emosens", "--optim_args", optim_args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: argument --optim_args: Invalid .*" + match, err), err
+    assert "Traceback" not in err and len(err.splitlines()) <= 3  # short usage, one error
+
+
+def test_learning_rate_defaults_to_one_for_emo_and_says_so(tmp_path):
+    with pytest.warns(UserWarning, match=r"learning_rate not set, using 1\.0") as caught:
         args = make_args(tmp_path, optim="emosens")
     assert args.learning_rate == 1.0
-    assert "learning_rate not set, using 1.0" in caplog.text
+    assert caught[0].filename == __file__  # points at the line that built the arguments
 
     assert make_args(tmp_path, optim="emosens", learning_rate=0.5).learning_rate == 0.5
     assert make_args(tmp_path, optim="adamw_torch").learning_rate == 5e-5

@@ -88,11 +88,30 @@ def test_json_config_with_overrides_and_lora(tmp_path):
     assert not (tmp_path / "loss_curve.png").exists()
 
 
-def test_json_config_rejects_unknown_keys(tmp_path):
+def test_json_config_rejects_unknown_keys(tmp_path, capsys):
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"optim": "emosens", "learning_rat": 1.0}))
-    with pytest.raises(ValueError, match="learning_rat"):
+    with pytest.raises(SystemExit) as exit_info:
         parse_args([str(config)])
+    assert exit_info.value.code == 2
+    assert "invalid keys learning_rat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["emosens", "hf/emosens.json", "configs/hf/emosens.json"])
+def test_shipped_config_by_name(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the name resolves to the shipped file
+    _, _, training_args = parse_args([name, "--output_dir", str(tmp_path)])
+    assert training_args.optim == "emosens" and training_args.max_steps == 300
+
+
+def test_unknown_config_name_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["emosense"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'emosense' is neither a file nor a shipped hf config" in err
+    assert "emosens, emosens_lora" in err
 
 
 def test_multi_process_launch_that_would_not_be_distributed_is_refused(tmp_path, monkeypatch):

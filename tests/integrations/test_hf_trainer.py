@@ -206,7 +206,7 @@ def test_emo_optimizer_passed_directly_is_fed_and_logged(tmp_path, recwarn):
     assert not [w for w in recwarn if "received no loss" in str(w.message)]
     assert spy.losses() == pytest.approx([sum(w) / len(w) for w in spy.windows()], rel=1e-5)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 3 and all(e["learning_rate"] == e["emo_lr"] for e in logs)
+    assert len(logs) == 3 and all("emo_lr" not in e and e["learning_rate"] < 1e-2 for e in logs)
 
 
 def test_logs_hold_emo_metrics_and_effective_learning_rate(tmp_path, tokenizer, blocks):
@@ -224,12 +224,12 @@ def test_logs_hold_emo_metrics_and_effective_learning_rate(tmp_path, tokenizer, 
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in logs] == [2, 4, 6]
     for entry in logs:
-        for key in ("emo_lr", "emo_scalar", "emo_trust", "emo_pulse", "scheduled_lr"):
+        for key in ("learning_rate", "emo_scalar", "emo_trust", "emo_pulse", "scheduled_lr"):
             assert math.isfinite(entry[key]), key
+        assert "emo_lr" not in entry  # the applied LR is logged once, as learning_rate
         # learning_rate is the LR the step used: emoPulse x the scheduler's multiplier.
-        assert entry["learning_rate"] == entry["emo_lr"]
         multiplier = entry["scheduled_lr"] / args.learning_rate
-        assert entry["emo_lr"] == pytest.approx(entry["emo_pulse"] * multiplier, rel=1e-6)
+        assert entry["learning_rate"] == pytest.approx(entry["emo_pulse"] * multiplier, rel=1e-6)
     assert logs[0]["scheduled_lr"] > logs[-1]["scheduled_lr"]  # linear decay acts on it
     assert logs[0]["learning_rate"] < 1e-2  # an emoPulse LR, not the multiplier 1.0
 
@@ -237,9 +237,10 @@ def test_logs_hold_emo_metrics_and_effective_learning_rate(tmp_path, tokenizer, 
     events = tensorboard.EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/emo_lr", "train/emo_scalar", "train/emo_trust", "train/learning_rate"} <= tags
-    written = [e.value for e in events.Scalars("train/emo_lr")]
-    assert written == pytest.approx([entry["emo_lr"] for entry in logs], rel=1e-6)
+    assert {"train/emo_scalar", "train/emo_trust", "train/learning_rate"} <= tags
+    assert "train/emo_lr" not in tags
+    written = [e.value for e in events.Scalars("train/learning_rate")]
+    assert written == pytest.approx([entry["learning_rate"] for entry in logs], rel=1e-6)
 
 
 def converged_regression(data: RegressionData) -> Regression:
