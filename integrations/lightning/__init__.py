@@ -2,5 +2,6 @@
 ``EmoCallback()`` to the trainer's callbacks; the callback feeds the loss every step."""
 
 from .callback import EmoCallback
+from .lr_monitor import EmoLearningRateMonitor
 
-__all__ = ["EmoCallback"]
+__all__ = ["EmoCallback", "EmoLearningRateMonitor"]

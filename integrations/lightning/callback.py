@@ -20,13 +20,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 import emo_core
 from emo_core import EmoOptimizer, unwrap
+
+from .lr_monitor import EmoLearningRateMonitor
 
 __all__ = ["EmoCallback"]
 
@@ -49,8 +51,9 @@ class EmoCallback(Callback):
     Logged through the trainer's loggers at ``log_every_n_steps``: ``emo/lr`` (effective LR,
     ``emo/lr_group1``... for further groups), ``emo/scalar``, ``emo/trust``, ``emo/noise``,
     ``emo/pulse``, ``emo/skipped_steps``; with several Emo optimizers the prefix is
-    ``emo/opt{index}/``. ``LearningRateMonitor`` shows ``group["lr"]``, which for an Emo
-    optimizer is the multiplier (1.0 by default); ``emo/lr`` is the rate actually applied.
+    ``emo/opt{index}/``. A plain ``LearningRateMonitor`` would show ``group["lr"]``, which
+    for an Emo optimizer is the multiplier (1.0 by default); with ``show_applied_lr`` the
+    callback makes it an ``EmoLearningRateMonitor``, so ``lr-EmoSens`` is the rate applied.
 
     Without the callback the optimizer senses the closure's value: the last micro-batch's
     loss divided by ``accumulate_grad_batches``, not the window's mean; under ``16-mixed``
@@ -64,15 +67,26 @@ class EmoCallback(Callback):
             and at epoch ends, since reading the signal syncs with the device
             (default: False).
         log_metrics: log the ``emo/*`` metrics (default: True).
+        show_applied_lr: when an Emo optimizer trains, turn every plain
+            ``LearningRateMonitor`` of the trainer into an ``EmoLearningRateMonitor`` (the same
+            object and settings; only the LR it reads changes), so its ``lr-*`` keys carry the
+            applied LR, not the multiplier. ``group["lr"]`` itself is never written
+            (default: True).
     """
 
-    def __init__(self, stop_on_signal: bool = False, log_metrics: bool = True) -> None:
-        if not isinstance(stop_on_signal, bool):
-            raise ValueError(f"Invalid stop_on_signal: {stop_on_signal!r} (expected True or False)")
-        if not isinstance(log_metrics, bool):
-            raise ValueError(f"Invalid log_metrics: {log_metrics!r} (expected True or False)")
+    def __init__(
+        self, stop_on_signal: bool = False, log_metrics: bool = True, show_applied_lr: bool = True
+    ) -> None:
+        for name, value in [
+            ("stop_on_signal", stop_on_signal),
+            ("log_metrics", log_metrics),
+            ("show_applied_lr", show_applied_lr),
+        ]:
+            if not isinstance(value, bool):
+                raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
         self.stop_on_signal = stop_on_signal
         self.log_metrics = log_metrics
+        self.show_applied_lr = show_applied_lr
         self._warned_no_emo = False
         self._window_start = True
         self._last_step = -1
@@ -80,9 +94,20 @@ class EmoCallback(Callback):
     # ----------------------------------------------------------------- set-up
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not _emo_optimizers(trainer) and not self._warned_no_emo:
-            self._warned_no_emo = True
-            rank_zero_warn(_NO_EMO_WARNING)
+        if not _emo_optimizers(trainer):
+            if not self._warned_no_emo:
+                self._warned_no_emo = True
+                rank_zero_warn(_NO_EMO_WARNING)
+            return
+        if self.show_applied_lr:
+            for monitor in trainer.callbacks:
+                if type(monitor) is LearningRateMonitor:  # before its on_train_start
+                    monitor.__class__ = EmoLearningRateMonitor
+                    rank_zero_info(
+                        "EmoCallback: LearningRateMonitor logs the applied LR (group['emo_lr']) "
+                        "of Emo optimizers, not the multiplier group['lr'] "
+                        "(EmoCallback(show_applied_lr=False) to keep the multiplier)."
+                    )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from emo_core import EmoAiry, EmoCats, EmoSens  # noqa: E402
-from emo_lightning import EmoCallback  # noqa: E402
+from emo_lightning import EmoCallback, EmoLearningRateMonitor  # noqa: E402
 
 SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
 
@@ -262,10 +262,49 @@ def test_logs_through_trainer_loggers_at_log_every_n_steps(tmp_path: Path) -> No
     opt = trainer.optimizers[0]
     assert steps[-1] == trainer.global_step - 1
     assert float(emo_rows[-1]["emo/lr"]) == pytest.approx(opt.get_effective_lr()[0], rel=1e-6)
-    assert float(monitor_rows[-1]["lr-EmoSens"]) == 1.0  # group["lr"]: the multiplier
+    # LearningRateMonitor, made an EmoLearningRateMonitor: the applied LR, logged before the
+    # step, so it is the previous step's (group["lr"] would be the multiplier 1.0).
+    assert isinstance(trainer.callbacks[1], EmoLearningRateMonitor)
+    assert all(float(r["lr-EmoSens"]) < 1e-2 for r in monitor_rows)
     lrs = [float(r["emo/lr"]) for r in emo_rows]  # fp32 values within [min_lr, max_lr]
     assert all(1e-6 * (1 - 1e-6) <= lr <= 1e-3 * (1 + 1e-6) for lr in lrs)
     assert all(float(r["emo/skipped_steps"]) == 0.0 for r in emo_rows)
+
+
+def monitored_lrs(tmp_path: Path, callbacks: list, module: pl.LightningModule) -> list[dict]:
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(max_steps=6, logger=logger, log_every_n_steps=1, callbacks=callbacks)
+    trainer.fit(module, DataLoader(regression_data(48), batch_size=4))
+    return read_csv_metrics(logger)
+
+
+@pytest.mark.parametrize("how", ["EmoCallback", "EmoLearningRateMonitor"])
+def test_learning_rate_monitor_shows_the_applied_lr(tmp_path: Path, how: str) -> None:
+    if how == "EmoCallback":  # the default: the plain monitor is made Emo-aware
+        callbacks = [LearningRateMonitor(), EmoCallback()]
+    else:  # explicitly, also without the callback's metrics
+        callbacks = [EmoLearningRateMonitor(), EmoCallback(log_metrics=False)]
+    rows = monitored_lrs(tmp_path, callbacks, Regression())
+    monitored = {int(r["step"]): float(r["lr-EmoSens"]) for r in rows if r.get("lr-EmoSens")}
+    assert sorted(monitored) == [0, 1, 2, 3, 4, 5]
+    if how == "EmoCallback":
+        applied = {int(r["step"]): float(r["emo/lr"]) for r in rows if r.get("emo/lr")}
+        # Logged at batch start: the LR of the previous step (row k's emo/lr is step k+1's).
+        for step in range(1, 6):
+            assert monitored[step] == pytest.approx(applied[step - 1], rel=1e-6), step
+    assert all(1e-6 * (1 - 1e-6) <= lr <= 1e-3 * (1 + 1e-6) for lr in monitored.values())
+
+
+def test_learning_rate_monitor_keeps_the_multiplier_when_asked(tmp_path: Path) -> None:
+    callbacks = [LearningRateMonitor(), EmoCallback(show_applied_lr=False)]
+    rows = monitored_lrs(tmp_path, callbacks, Regression(lr=0.5))
+    assert type(callbacks[0]) is LearningRateMonitor
+    assert {float(r["lr-EmoSens"]) for r in rows if r.get("lr-EmoSens")} == {0.5}
+
+
+def test_emo_learning_rate_monitor_reports_other_optimizers_as_before(tmp_path: Path) -> None:
+    rows = monitored_lrs(tmp_path, [EmoLearningRateMonitor()], Regression(torch.optim.SGD, lr=0.03))
+    assert {float(r["lr-SGD"]) for r in rows if r.get("lr-SGD")} == {0.03}
 
 
 # ----------------------------------------------------------------------- stopping
@@ -324,6 +363,8 @@ def test_callback_without_emo_optimizer_warns_once() -> None:
 def test_invalid_arguments_are_named() -> None:
     with pytest.raises(ValueError, match=r"Invalid stop_on_signal: 'yes'"):
         EmoCallback(stop_on_signal="yes")
+    with pytest.raises(ValueError, match=r"Invalid show_applied_lr: 'no'"):
+        EmoCallback(show_applied_lr="no")
     with pytest.raises(ValueError, match=r"Invalid log_metrics: 1"):
         EmoCallback(log_metrics=1)
 
