@@ -198,7 +198,7 @@ def main(
 
 
 def _show_emo_logs() -> None:
-    """Print emo_hf's INFO messages (e.g. the learning_rate default) on the console."""
+    """Print emo_hf's INFO messages (e.g. the early-stop notice) on the console."""
     emo_logger = logging.getLogger("emo_hf")
     if not emo_logger.handlers:
         handler = logging.StreamHandler()
