@@ -309,14 +309,20 @@ def find_latest_checkpoint(root: str | Path, prefix: str = "checkpoint-") -> Pat
     return _newest_valid(ordered, verify_checkpoint)
 
 
-def find_latest_file(root: str | Path, pattern: str = "*.ckpt") -> Path | None:
-    """The most recently written file matching ``pattern`` under ``root`` that verifies.
+def find_latest_file(
+    roots: str | Path | Iterable[str | Path], pattern: str = "*.ckpt"
+) -> Path | None:
+    """The most recently written file matching ``pattern`` under ``roots`` that verifies.
 
     Newer files that are damaged are skipped with an ``IncompleteCheckpointWarning``.
     """
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    files = [p for p in root.rglob(pattern) if p.is_file() and not p.name.startswith(".")]
-    files.sort(key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
-    return _newest_valid(files, verify_file)
+    roots = [roots] if isinstance(roots, str | Path) else list(roots)
+    files = {
+        p.resolve()
+        for root in map(Path, roots)
+        if root.is_dir()
+        for p in root.rglob(pattern)
+        if p.is_file() and not p.name.startswith(".")
+    }
+    ordered = sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    return _newest_valid(ordered, verify_file)

@@ -2,5 +2,6 @@
 ``EmoCallback()`` to the trainer's callbacks; the callback feeds the loss every step."""
 
 from .callback import EmoCallback
+from .checkpoint_io import CrashSafeCheckpointIO
 
-__all__ = ["EmoCallback"]
+__all__ = ["CrashSafeCheckpointIO", "EmoCallback"]
