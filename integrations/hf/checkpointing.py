@@ -96,6 +96,9 @@ class CheckpointingMixin:
         return super().train(checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # transformers rotates old checkpoints (save_total_limit) at the end of its own
+        # _save_checkpoint, just before the manifest below: a kill in that short window
+        # leaves the new folder unmarked, and 'latest' falls back to an older one if any.
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>) are written
         if self.args.should_save:
