@@ -5,16 +5,43 @@ that is gigabytes per checkpoint of weights that never change (they are reloaded
 ``--pretrained_model_name_or_path`` anyway). These accelerate save/load hooks replace the
 model part with ``trainable_<i>.safetensors`` (trainable parameters, in their dtype);
 optimizer, LR scheduler, RNG and registered objects are saved by accelerate as usual.
+
+Crash-safe (``emo_core.checkpoint``): ``save_checkpoint`` writes into a hidden staging
+folder and renames it to ``checkpoint-<step>`` once every file (and a manifest of them) is
+on disk, so a killed run never leaves a folder that ``--resume_from_checkpoint latest``
+would pick. ``find_resume_checkpoint("latest")`` takes the newest checkpoint that verifies,
+warning about each newer one it skips, and ``load_checkpoint`` checks every file first, so
+a damaged one fails with one error that names it.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-__all__ = ["register_trainable_checkpointing"]
+from emo_core.checkpoint import (
+    CorruptCheckpointError,
+    commit_directory,
+    find_latest_checkpoint,
+    staging_path,
+    verify_checkpoint,
+)
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "find_resume_checkpoint",
+    "load_checkpoint",
+    "register_trainable_checkpointing",
+    "save_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def _trainable_file(directory: str | Path, index: int) -> Path:
@@ -63,3 +90,64 @@ def register_trainable_checkpointing(accelerator: Any) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Any, directory: str | Path) -> Path:
+    """``accelerator.save_state`` into a staging folder, renamed to ``directory`` when whole."""
+    final = Path(directory)
+    staging = staging_path(final)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed mid-write
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every rank's files are written
+    if accelerator.is_main_process:
+        commit_directory(staging, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_checkpoint(
+    resume_from_checkpoint: str | None, output_dir: str | Path
+) -> Path | None:
+    """The folder ``--resume_from_checkpoint`` names: a path, or ``latest`` in ``output_dir``.
+
+    ``latest``: the highest ``checkpoint-<step>`` that verifies (each newer, incomplete one
+    is skipped with a warning naming it); None, with a warning, if there is none.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint != "latest":
+        path = Path(resume_from_checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"Invalid resume_from_checkpoint: {str(path)!r} is not a directory; pass a "
+                f"{CHECKPOINT_PREFIX}<step> folder or 'latest'"
+            )
+        return path
+    path = find_latest_checkpoint(output_dir, CHECKPOINT_PREFIX)
+    if path is None:
+        logger.warning("No complete checkpoint in %s; starting a new run.", output_dir)
+    return path
+
+
+def load_checkpoint(accelerator: Any, directory: str | Path) -> None:
+    """Check every file of ``directory``, then ``accelerator.load_state`` it.
+
+    A damaged or cut-short file raises ``CorruptCheckpointError`` naming it, before
+    anything is loaded.
+    """
+    try:
+        complete = verify_checkpoint(directory, require_complete=False)
+    except CorruptCheckpointError as error:
+        raise CorruptCheckpointError(
+            f"Invalid resume_from_checkpoint: {error}. Resume from an earlier checkpoint "
+            "(or 'latest', which skips damaged ones)."
+        ) from None
+    if not complete:
+        logger.warning(
+            "%s has no completion manifest (written by an older version, or its write was "
+            "interrupted); its files look whole, loading it.",
+            directory,
+        )
+    accelerator.load_state(str(directory))

@@ -41,7 +41,13 @@ from torch import Tensor
 from emo_configs import ConfigNotFoundError, resolve_config, shipped_configs
 from emo_core import log_metrics, unwrap
 
-from .checkpointing import register_trainable_checkpointing
+from .checkpointing import (
+    CHECKPOINT_PREFIX,
+    find_resume_checkpoint,
+    load_checkpoint,
+    register_trainable_checkpointing,
+    save_checkpoint,
+)
 from .conditioning import ClassConditioner, save_conditioner
 from .data import BatchOrder, ImageSet, PixelCodec, class_names, load_images
 from .flow_matching import (
@@ -73,7 +79,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -401,28 +406,6 @@ def train_step(setup: TrainingSetup, micro_batch: int) -> Tensor:
     return loss.detach()
 
 
-def _find_checkpoint(args: argparse.Namespace) -> Path | None:
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint != "latest":
-        path = Path(args.resume_from_checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"Invalid resume_from_checkpoint: {str(path)!r} is not a directory; pass a "
-                f"{CHECKPOINT_PREFIX}<step> folder or 'latest'"
-            )
-        return path
-    candidates = [
-        p
-        for p in Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    if not candidates:
-        logger.warning("No checkpoint in %s; starting a new run.", args.output_dir)
-        return None
-    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
 def _checkpoint_step(path: Path) -> int:
     suffix = path.name[len(CHECKPOINT_PREFIX) :]
     if not path.name.startswith(CHECKPOINT_PREFIX) or not suffix.isdigit():
@@ -447,10 +430,10 @@ def train(setup: TrainingSetup) -> dict[str, Any]:
 
     args, accelerator = setup.args, setup.accelerator
     global_step = 0
-    checkpoint = _find_checkpoint(args)
+    checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         global_step = _checkpoint_step(checkpoint)
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint)
         logger.info("Resumed from %s at step %d.", checkpoint, global_step)
     if args.report_to != "none":
         accelerator.init_trackers("emo_lora_flow", config=_tracker_config(args))
@@ -480,7 +463,9 @@ def train(setup: TrainingSetup) -> dict[str, Any]:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         progress.update(1)
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            accelerator.save_state(str(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"))
+            save_checkpoint(
+                accelerator, Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"
+            )
             tick = time.perf_counter()  # leave checkpoint I/O out of the step time
     progress.close()
     return setup.history.summary()

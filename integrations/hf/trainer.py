@@ -34,6 +34,7 @@ from transformers import Trainer
 from emo_core import get_optimizer, log_metrics, unwrap
 
 from .arguments import emo_optim_name
+from .checkpointing import CheckpointingMixin
 from .optim_args import parse_optim_args
 
 __all__ = ["EmoTrainer", "EmoTrainerMixin"]
@@ -41,8 +42,11 @@ __all__ = ["EmoTrainer", "EmoTrainerMixin"]
 logger = logging.getLogger(__name__)
 
 
-class EmoTrainerMixin:
-    """Mix into any ``transformers.Trainer`` subclass: ``class T(EmoTrainerMixin, SFTTrainer)``."""
+class EmoTrainerMixin(CheckpointingMixin):
+    """Mix into any ``transformers.Trainer`` subclass: ``class T(EmoTrainerMixin, SFTTrainer)``.
+
+    Checkpoints are crash-safe and checked on resume (``CheckpointingMixin``).
+    """
 
     @classmethod
     def get_optimizer_cls_and_kwargs(

@@ -7,22 +7,53 @@ The optimizer comes from the config (``optimizer: class_path: emo_core.EmoSens``
 ``EmoAiry``/``EmoCats``), ``EmoCallback`` from ``trainer.callbacks``; the module has no
 ``configure_optimizers`` of its own, so LightningCLI builds the configured one. After ``fit``
 the validation accuracy is printed. The data ships with scikit-learn (no download).
+
+Checkpoints are written whole or not at all and checked before loading
+(``CrashSafeCheckpointIO``); ``fit --ckpt_path latest`` resumes from the newest whole
+``.ckpt`` under ``trainer.default_root_dir``. The shuffle of epoch ``e`` depends only on
+``(split_seed, e)``, so a resume from an epoch-end checkpoint is exact.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from emo_configs import ConfigNotFoundError, resolve_config
 
-__all__ = ["DigitsData", "DigitsMLP", "main"]
+from .checkpoint_io import CrashSafeCheckpointIO, check_ckpt_file, resolve_ckpt_path
+
+__all__ = ["DigitsData", "DigitsMLP", "EpochShuffle", "main"]
+
+
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation every epoch that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before each epoch, also on resume, so a resumed run
+    draws the same order as an uninterrupted one (a loader's own seeded generator would
+    restart at epoch 0's order in every new process).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class DigitsData(pl.LightningDataModule):
@@ -63,8 +94,8 @@ class DigitsData(pl.LightningDataModule):
         self.val_set = TensorDataset(x[val], y[val])
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.split_seed)
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, generator=generator)
+        sampler = EpochShuffle(len(self.train_set), self.split_seed)
+        return DataLoader(self.train_set, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.batch_size)
@@ -105,7 +136,23 @@ class DigitsMLP(pl.LightningModule):
 
 
 class EmoCLI(LightningCLI):
-    """LightningCLI that prints the validation accuracy after ``fit``."""
+    """LightningCLI: crash-safe checkpoints, ``--ckpt_path latest``, val accuracy after ``fit``."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, before anything else:
+        # check the file first so that a damaged one is named, not a pickle error.
+        if self.config.get("subcommand"):
+            check_ckpt_file(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a configured one
+            trainer.strategy.checkpoint_io = CrashSafeCheckpointIO()
+        return trainer
+
+    def fit(self, model: pl.LightningModule, ckpt_path: Any = None, **kwargs: Any) -> None:
+        self.trainer.fit(model, ckpt_path=resolve_ckpt_path(ckpt_path, self.trainer), **kwargs)
 
     def after_fit(self) -> None:
         metrics = self.trainer.callback_metrics
