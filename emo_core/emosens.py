@@ -58,6 +58,9 @@ class EmoSens(EmoOptimizer):
         writer: object with ``add_scalar(tag, value, step)`` for TensorBoard logging
             (default: None).
         log_every: log to ``writer`` every this many steps (default: 1).
+        maximize: maximize the objective instead of minimizing it, like ``torch.optim``:
+            the update ascends the gradient and the loss sensor reads the fed value ``L``
+            as the loss ``-L`` (a rising objective is progress) (default: False).
     """
 
     def __init__(
@@ -80,8 +83,12 @@ class EmoSens(EmoOptimizer):
         compile_update: bool = False,
         writer: Any | None = None,
         log_every: int = 1,
+        maximize: bool = False,
     ) -> None:
+        # Parsed before the cross-checks: class-path users pass strings ("False" is truthy).
         self.fused = as_bool("fused", fused, allow_none=True)
+        foreach = as_bool("foreach", foreach, allow_none=True)
+        compile_update = as_bool("compile_update", compile_update)
         if self.fused and foreach:
             raise ValueError("Invalid foreach/fused: choose one of foreach=True and fused=True")
         if self.fused and compile_update:
