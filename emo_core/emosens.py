@@ -116,6 +116,8 @@ class EmoSens(EmoOptimizer):
             and params[0].device.type in _FUSED_DEVICES
             and all(state["exp_avg"].dtype == torch.float32 for state in states)
         )
+        if fusable:
+            _check_moment_shapes(params, states)  # the fused kernel does not check them
         if self.fused:  # (the constructor rejects fused=True with compile_update=True)
             if not fusable:
                 raise RuntimeError(
@@ -138,6 +140,19 @@ class EmoSens(EmoOptimizer):
             eps=bucket.group["eps"],
             weight_decay=bucket.group["weight_decay"],
         )
+
+
+def _check_moment_shapes(params: list[Tensor], states: list[dict[str, Any]]) -> None:
+    """Moments whose shape differs from their parameter's (state edited in place) would make
+    the fused kernel write past their buffers; refuse them instead."""
+    for index, (p, state) in enumerate(zip(params, states)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state[key].shape != p.shape:
+                raise RuntimeError(
+                    f"EmoSens: state[{key!r}] of shape {tuple(state[key].shape)} does not match "
+                    f"its parameter of shape {tuple(p.shape)} (tensor {index} of its bucket); "
+                    "optimizer state must keep its parameter's shape"
+                )
 
 
 def emosens(bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:

@@ -227,8 +227,8 @@ def _checked_param_state(
     opt: EmoOptimizer, key: Any, entry: Mapping[str, Any], p: Tensor, use_shadow: bool
 ) -> dict[str, Any]:
     template = _state_template(opt, p, use_shadow)
-    missing = [k for k in template if k not in entry]
-    unknown = [k for k in entry if k not in template]
+    missing = sorted(k for k in template if k not in entry)
+    unknown = sorted(k for k in entry if k not in template)
     owner = f"{type(opt).__name__}" + (" with use_shadow=True" if use_shadow else "")
     if missing:
         _fail(f"state[{key!r}] lacks {missing} ({owner} keeps {sorted(template)})")
