@@ -33,7 +33,6 @@ STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 """The dtypes optimizer state may be kept in (``state_dtype``); the math runs in fp32 or fp64."""
 
 
-
 def _parse(name: str, value: Any) -> Any:
     if isinstance(value, str):
         try:

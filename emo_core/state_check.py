@@ -99,8 +99,7 @@ def checked_load(opt: EmoOptimizer, state_dict: Any) -> LoadPlan:
         _fail("param_groups must be a list of dicts with 'params'")
     if len(saved_groups) != len(opt.param_groups):
         _fail(
-            f"it has {len(saved_groups)} param groups but the optimizer has "
-            f"{len(opt.param_groups)}"
+            f"it has {len(saved_groups)} param groups but the optimizer has {len(opt.param_groups)}"
         )
     for index, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
         if len(saved["params"]) != len(group["params"]):
@@ -313,4 +312,3 @@ def picklable_state(opt: EmoOptimizer) -> dict[str, Any]:
             )
             state[name] = None
     return state
-

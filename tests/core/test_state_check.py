@@ -8,7 +8,6 @@ as it was and still step.
 from __future__ import annotations
 
 import copy
-import io
 import subprocess
 import sys
 import textwrap
