@@ -306,6 +306,8 @@ class EmoOptimizer(Optimizer):
         self._check_group(candidate)
         param_group = {**param_group, **candidate}
         super().add_param_group(param_group)
+        if "emo_state" in self.__dict__:  # (not during __init__): the new group's emo_lr
+            self._refresh_effective_lr()
 
     def _sensor_device(self) -> torch.device:
         for group in self.param_groups:
