@@ -493,9 +493,12 @@ class EmoOptimizer(Optimizer):
         return torch.stack([flag.to(device) for flag in finite]).all()
 
     def _warn_no_loss(self) -> None:
-        if not self._flags["warned_no_loss"]:
-            self._flags["warned_no_loss"] = True
-            warnings.warn(_NO_LOSS_WARNING.format(name=type(self).__name__), stacklevel=3)
+        if self._flags["warned_no_loss"] or all(
+            type(group["lr"]) is not Tensor and group["lr"] == 0 for group in self.param_groups
+        ):  # (all groups frozen: e.g. torch.distributed.checkpoint's state-creating step)
+            return
+        self._flags["warned_no_loss"] = True
+        warnings.warn(_NO_LOSS_WARNING.format(name=type(self).__name__), stacklevel=3)
 
     def _refresh_effective_lr(self) -> None:
         pulse = self._sensor["pulse"]

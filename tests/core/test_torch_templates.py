@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import pytest
 import torch
@@ -279,3 +280,22 @@ def test_repr_lists_the_class_and_each_groups_hyperparameters(name: str) -> None
     assert "lr: 0.5" in text and "weight_decay: 0.01" in text
     _train(opt, range(2))
     assert repr(opt).startswith(f"{cls} (")  # still prints after steps
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dcp_state_creating_step_is_silent_and_changes_no_parameter(name: str) -> None:
+    """torch.distributed.checkpoint creates lazy state with a zero-grad step at lr 0 (no
+    loss): it needs no 'received no loss' warning, and a real missing loss still warns."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    model = small_model()
+    before = copy.deepcopy(model.state_dict())
+    opt = OPTIMIZERS[name](model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _init_optim_state(opt)
+    assert all(opt.state[p] for p in model.parameters())
+    _assert_same(model.state_dict(), before)
+    set_random_grads(list(model.parameters()), 0)
+    with pytest.warns(UserWarning, match="received no loss"):
+        opt.step()
