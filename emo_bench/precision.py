@@ -60,7 +60,7 @@ def train(name: str, precision: str, seed: int, steps: int) -> dict[str, float]:
     initial = [p.detach().clone() for p in model.parameters()]
     kwargs = {} if rounding is None else {"stochastic_rounding": rounding}
     opt = get_optimizer(name)(model.parameters(), **kwargs)
-    opt.state["emo_meta"]["seed"] = seed  # reproducible stochastic rounding
+    opt.emo_state["emo_meta"]["seed"] = seed  # reproducible stochastic rounding
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(len(x_train), (BATCH,), generator=gen)

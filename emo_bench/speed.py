@@ -185,7 +185,8 @@ def _sync(device: torch.device) -> None:
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``opt.state`` (0-dim counters and the Emo sensor included)."""
+    """Bytes of every tensor in ``opt.state`` and the Emo optimizers' ``emo_state`` (0-dim
+    counters and the loss sensor included)."""
     seen: set[int] = set()
     total = 0
 
@@ -203,6 +204,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
                 visit(v)
 
     visit(list(opt.state.values()))
+    visit(getattr(opt, "emo_state", {}))  # the Emo loss sensor and step counter
     return total
 
 

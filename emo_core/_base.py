@@ -17,8 +17,11 @@ Nothing in ``step()`` reads a tensor value on the host: skipped steps are masked
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +30,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._validation import as_bool, as_float_dtype, as_int, check_range, loss_to_tensor
-from .distributed import all_reduce_loss_, local_shard
+from . import state_check
+from ._validation import as_bool, as_float_dtype, as_int, check_lr, check_range, loss_to_tensor
+from .distributed import local_shard, mean_loss_over_ranks, world_size
 from .metrics import metric_values
 from .precision import LOW_PRECISION, copy_stochastic_, default_state_dtype
 from .pulse import init_sensor_state, pulse_update
@@ -48,7 +52,6 @@ __all__ = [
 # traffic, and page faults when freshly allocated) are avoided.
 CPU_BLOCK = 1 << 17
 _PLAIN = (Tensor, torch.nn.Parameter)
-_SMALL_GRADS = 1 << 16  # mean elements per gradient below which the AMP check kernel is used
 _SAME_SIZE_INT = {
     torch.float64: torch.int64,
     torch.float32: torch.int32,
@@ -190,6 +193,7 @@ COMMON_OPTIONS = (
     "compile_update",
     "writer",
     "log_every",
+    "maximize",
 )
 """Constructor arguments every Emo optimizer takes and hands to :class:`EmoOptimizer`."""
 
@@ -224,6 +228,7 @@ class EmoOptimizer(Optimizer):
         compile_update: bool,
         writer: Any | None,
         log_every: int,
+        maximize: bool = False,
     ) -> None:
         lr = check_range("lr", lr, 0.0, low_inclusive=False)
         self.min_lr = check_range("min_lr", min_lr, 0.0, low_inclusive=False)
@@ -233,6 +238,7 @@ class EmoOptimizer(Optimizer):
                 f"Invalid min_lr/max_lr: {min_lr} > {max_lr} (expected 0 < min_lr <= max_lr)"
             )
         self.sync_loss = as_bool("sync_loss", sync_loss)
+        self.maximize = as_bool("maximize", maximize)
         self.process_group = process_group
         self.state_dtype = as_float_dtype("state_dtype", state_dtype)
         self.stochastic_rounding = as_bool(
@@ -262,22 +268,33 @@ class EmoOptimizer(Optimizer):
         self._pending: dict[str, Any] = {"sum": None, "count": 0}
         self._flags: dict[str, bool] = {"warned_no_loss": False}
         super().__init__(params, defaults)
-        device = self._sensor_device()
-        self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self.max_lr)
-        self.state[META_STATE_KEY] = {
+        # The loss sensor and the step counter: optimizer-wide, so not in ``self.state``, which
+        # holds per-parameter state only (torch.distributed.checkpoint maps each of its keys
+        # to a parameter name). ``state_dict()`` carries them in ``param_groups[0]``.
+        self.emo_state: dict[str, dict[str, Any]] = {
+            SENSOR_STATE_KEY: self._new_sensor_state(self._sensor_device()),
+            META_STATE_KEY: self._new_meta_state(),
+        }
+        self._refresh_effective_lr()
+
+    # ----------------------------------------------------------------- construction
+    def _new_sensor_state(self, device: torch.device) -> dict[str, Tensor]:
+        """A fresh loss sensor (also the template a loaded sensor is checked against)."""
+        return init_sensor_state(device, self.max_lr)
+
+    @staticmethod
+    def _new_meta_state() -> dict[str, Any]:
+        """Fresh step counter and rounding seed (also the template for loading)."""
+        return {
             "steps": _step_count(0),
             # Stochastic rounding draws from (seed + step): one fixed seed, so every rank
             # of a data-parallel run rounds identically and replicas stay equal.
             "seed": DEFAULT_ROUNDING_SEED,
         }
-        self._refresh_effective_lr()
 
-    # ----------------------------------------------------------------- construction
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate (and normalise in place) one param group's hyperparameters."""
-        group["lr"] = (
-            group["lr"] if isinstance(group["lr"], Tensor) else check_range("lr", group["lr"], 0.0)
-        )
+        group["lr"] = check_lr("lr", group["lr"])
         group["scope"] = check_range("scope", group["scope"], 0.0, low_inclusive=False)
         group["weight_decay"] = check_range("weight_decay", group["weight_decay"], 0.0)
         group["use_shadow"] = as_bool("use_shadow", group["use_shadow"])
@@ -290,6 +307,8 @@ class EmoOptimizer(Optimizer):
         self._check_group(candidate)
         param_group = {**param_group, **candidate}
         super().add_param_group(param_group)
+        if "emo_state" in self.__dict__:  # (not during __init__): the new group's emo_lr
+            self._refresh_effective_lr()
 
     def _sensor_device(self) -> torch.device:
         for group in self.param_groups:
@@ -297,11 +316,22 @@ class EmoOptimizer(Optimizer):
                 return p.device
         return torch.device("cpu")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but torch's hook registries (like ``torch.optim``), so that deepcopy,
+        pickle and ``torch.save(opt)`` keep every setting. An unpicklable ``writer`` or
+        ``process_group`` is replaced by None (no logging; the default group) with a warning."""
+        return state_check.picklable_state(self)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_pending", {"sum": None, "count": 0})
         self.__dict__.setdefault("_flags", {"warned_no_loss": False})
         self.__dict__.setdefault("compile_update", False)
+        self.__dict__.setdefault("maximize", False)
+        if "emo_state" not in self.__dict__:  # pickled by a version that kept it in self.state
+            self.emo_state = {
+                key: self.state.pop(key) for key in (SENSOR_STATE_KEY, META_STATE_KEY)
+            }
         for group in self.param_groups:
             group.setdefault("scope", group["lr"])
             group.setdefault("use_shadow", False)
@@ -309,7 +339,7 @@ class EmoOptimizer(Optimizer):
     # ------------------------------------------------------------------ loss intake
     @property
     def _sensor(self) -> dict[str, Tensor]:
-        return self.state[SENSOR_STATE_KEY]
+        return self.emo_state[SENSOR_STATE_KEY]
 
     def _as_loss(self, loss: Any, source: str) -> Tensor:
         sensor_t = self._sensor["ema_long"]
@@ -333,15 +363,9 @@ class EmoOptimizer(Optimizer):
             return self._as_loss(explicit, "step(loss=...)")
         if self._pending["sum"] is not None:
             return self._pending["sum"] / self._pending["count"]
-        if has_closure:
-            if closure_value is None and has_grads:
-                raise TypeError(
-                    "Invalid loss from closure: the closure returned None but there are "
-                    "gradients to apply; return the loss from the closure, or feed it with "
-                    "step(loss=loss) / set_loss(loss) (e.g. in Lightning manual optimization)"
-                )
-            # None with no gradients: a skipped batch (Lightning's training_step -> None).
-            return None if closure_value is None else self._as_loss(closure_value, "closure()")
+        if has_closure and closure_value is not None:
+            return self._as_loss(closure_value, "closure()")
+        # No loss (also a closure returning None): warned once, the previous LR is kept.
         return None
 
     # ------------------------------------------------------------------------ step
@@ -362,34 +386,45 @@ class EmoOptimizer(Optimizer):
         has_grads = any(work)
         loss_t = self._pick_loss(loss, closure_value, closure is not None, has_grads)
         self._pending.update(sum=None, count=0)
-        if loss_t is None and not has_grads and closure is not None:
+        # Every rank must join the same loss collective, whatever it was fed (SPEC §1).
+        across_ranks = self.sync_loss and world_size(self.process_group) > 1
+        if loss_t is None and not has_grads and closure is not None and not across_ranks:
             return closure_value  # nothing to sense and nothing to update
+        if loss_t is not None and self.maximize:
+            loss_t = -loss_t  # a rising objective reads as a falling loss
 
         sensor = self._sensor
         valid = self._grads_finite(work, sensor["ema_long"].device)
         if loss_t is None:
             self._warn_no_loss()
+        if loss_t is None and not across_ranks:
             if valid is not None:
                 sensor["skipped"] = sensor["skipped"] + (~valid).to(sensor["skipped"].dtype)
         else:
-            if valid is not None:  # fold the gradient flag into the loss: nan if not finite
+            sensed = None
+            if across_ranks:  # the mean over the ranks that had a loss; nan if any was bad
+                loss_t, sensed = mean_loss_over_ranks(
+                    loss_t, valid, sensor["ema_long"], self.process_group
+                )
+            elif valid is not None:  # fold the gradient flag into the loss: nan if not finite
                 loss_t = torch.where(valid, loss_t, float("nan"))
-            if self.sync_loss:
-                all_reduce_loss_(loss_t, self.process_group)
             valid = torch.isfinite(loss_t)
-            self.state[SENSOR_STATE_KEY] = pulse_update(
+            updated = pulse_update(
                 sensor,
                 loss_t,
-                valid,
+                valid if sensed is None else valid & sensed,
                 scope=self.defaults["scope"],
                 min_lr=self.min_lr,
                 max_lr=self.max_lr,
             )
+            if sensed is not None:  # no rank had a loss: no information, not a skipped step
+                updated["skipped"] = sensor["skipped"] + (~valid).to(sensor["skipped"].dtype)
+            self.emo_state[SENSOR_STATE_KEY] = updated
         self._refresh_effective_lr()
         if valid is None:
             valid = torch.ones((), dtype=torch.bool, device=sensor["ema_long"].device)
 
-        meta = self.state[META_STATE_KEY]
+        meta = self.emo_state[META_STATE_KEY]
         meta["steps"] += 1
         for group, params in zip(self.param_groups, work):
             if params:
@@ -418,23 +453,24 @@ class EmoOptimizer(Optimizer):
             work.append(params)
         return work
 
-    @staticmethod
-    def _grads_finite(work: list[list[tuple[int, Tensor]]], device: torch.device) -> Tensor | None:
-        """One 0-dim bool tensor: are all gradients finite? ``None`` if there are none.
+    def _grads_finite(
+        self, work: list[list[tuple[int, Tensor]]], device: torch.device
+    ) -> Tensor | None:
+        """One 0-dim bool tensor: may this step's gradients be applied? ``None`` if none.
 
-        Uses 2-norms (torch's fastest reduction over large tensors; the inf-norm is an order
-        of magnitude slower on CPU): nan and inf propagate, and a gradient whose norm
-        overflows fp32 (> 3.4e38) counts as non-finite too. Many small CPU gradients (LoRA)
-        go through the AMP kernel that checks and unscales in one loop, with scale 1: about
-        half the per-tensor cost of a norm, and ``g * 1.0`` leaves every value bitwise as it
-        was (``tests/core/test_contract.py``).
+        One rule on every size, dtype and path (SPEC §5): a gradient tensor whose squared
+        2-norm overflows the compute dtype (``‖g‖ >= sqrt(finfo.max)``, so nan and inf too)
+        makes the step a skipped one. Below that bound every ``g²`` and every sum of them is
+        finite, so no update rule can write a non-finite value from finite inputs (an
+        element-wise finite check would let ``g = 1e37`` through, whose ``g²`` is inf in
+        fp32). Half-precision gradients are normed in fp32, their compute dtype.
         """
         by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for params in work:
             for _, p in params:
                 # FSDP2: check this rank's shard; the flag is folded into the loss, whose
                 # cross-rank mean (sync_loss) makes every rank skip together. Complex
-                # gradients: the 2-norm of a complex tensor propagates nan/inf as well.
+                # gradients: the 2-norm of a complex tensor is that of its pairs of reals.
                 g = local_shard(p.grad)
                 key = (g.device, g.dtype)
                 grads = by_device.get(key)
@@ -445,21 +481,25 @@ class EmoOptimizer(Optimizer):
         if not by_device:
             return None
         finite = []
-        for (grad_device, dtype), grads in by_device.items():
-            if _amp_check_pays(grad_device, dtype, grads):
-                found_inf = torch.zeros((), dtype=torch.float32, device=grad_device)
-                one = torch.ones((), dtype=torch.float32, device=grad_device)
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
-                finite.append(found_inf == 0)
-            else:
-                peak = torch.stack(torch._foreach_norm(grads, 2)).amax()
-                finite.append(torch.isfinite(peak))
+        for (_, dtype), grads in by_device.items():
+            real = _REAL_DTYPE.get(dtype, dtype)
+            compute_dtype = default_state_dtype(real, self.state_dtype)
+            if compute_dtype in LOW_PRECISION:
+                compute_dtype = torch.float32
+            norm_dtype = compute_dtype if dtype in LOW_PRECISION else None
+            peak = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype)).amax()
+            finite.append(peak < _overflow_norm(compute_dtype))
+        if len(finite) == 1:
+            return finite[0].to(device)
         return torch.stack([flag.to(device) for flag in finite]).all()
 
     def _warn_no_loss(self) -> None:
-        if not self._flags["warned_no_loss"]:
-            self._flags["warned_no_loss"] = True
-            warnings.warn(_NO_LOSS_WARNING.format(name=type(self).__name__), stacklevel=3)
+        if self._flags["warned_no_loss"] or all(
+            type(group["lr"]) is not Tensor and group["lr"] == 0 for group in self.param_groups
+        ):  # (all groups frozen: e.g. torch.distributed.checkpoint's state-creating step)
+            return
+        self._flags["warned_no_loss"] = True
+        warnings.warn(_NO_LOSS_WARNING.format(name=type(self).__name__), stacklevel=3)
 
     def _refresh_effective_lr(self) -> None:
         pulse = self._sensor["pulse"]
@@ -502,6 +542,8 @@ class EmoOptimizer(Optimizer):
             else:
                 work_params = [_as_compute(p, compute_dtype, param_copies) for p in originals]
                 work_grads = [_as_compute(p.grad, compute_dtype, None) for p in originals]
+            if self.maximize:  # ascend: the rules descend along -g
+                work_grads = torch._foreach_neg(work_grads)
             bucket = Bucket(
                 params=work_params,
                 grads=work_grads,
@@ -615,7 +657,7 @@ class EmoOptimizer(Optimizer):
             "H": float(s["H"]),
             "pulse": float(s["pulse"]),
             "skipped_steps": float(s["skipped"]),
-            "step": float(self.state[META_STATE_KEY]["steps"]),
+            "step": float(self.emo_state[META_STATE_KEY]["steps"]),
             "sensed_steps": float(s["t"]),
             "should_stop": float(s["stop"]),
         }
@@ -625,57 +667,65 @@ class EmoOptimizer(Optimizer):
             self.writer.add_scalar(tag, value, step)
 
     # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict; the loss sensor and step counter ride along in
+        ``param_groups[0]["emo_state"]`` with the writing class (see :mod:`state_check`).
+        State-dict hooks see the complete dict."""
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            state_dict = super().state_dict()
+        state_dict = state_check.pack_state_dict(self, state_dict)
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like ``torch.optim``, but keep fp32 state fp32 for half parameters.
+        """Load like ``torch.optim`` after checking everything; on error nothing changes.
 
-        ``Optimizer.load_state_dict`` casts floating state to the parameter's dtype; Emo
-        state is kept in its own dtype (SPEC §5), so the incoming tensors are restored as
-        saved, on the parameter's device.
+        The state dict (after any load pre-hooks) is validated against what this optimizer
+        would create itself: group count and sizes, group hyperparameters, which optimizer
+        wrote it, per-parameter keys, shapes, dtype classes and finiteness, and the loss
+        sensor and step counter (:func:`state_check.checked_load`); one ``ValueError`` names
+        the offending entry. State keeps its saved dtype (fp32 state of half parameters
+        stays fp32, where ``Optimizer.load_state_dict`` would cast it) on its parameter's
+        device. Older state dicts of this project (sensor in ``state``) load too.
         """
-        incoming = state_dict["state"]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in incoming.get(saved_id, {}).items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
-        device = self._sensor_device()
-        sensor = incoming.get(SENSOR_STATE_KEY)
-        if sensor is None:
-            self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self.max_lr)
-        else:
-            fresh = init_sensor_state(device, self.max_lr)
-            self.state[SENSOR_STATE_KEY] = {
-                key: sensor.get(key, fresh[key])
-                .detach()
-                .to(
-                    device=device,
-                    dtype=fresh[key].dtype if fresh[key].is_floating_point() else None,
-                    copy=True,
-                )
-                if key in sensor
-                else fresh[key]
-                for key in fresh
-            }
-        meta = dict(incoming.get(META_STATE_KEY) or {"seed": 0})
-        meta["steps"] = _step_count(meta.get("steps", 0))  # also reads int counts
-        self.state[META_STATE_KEY] = meta
-        for group in self.param_groups:
-            group.setdefault("scope", group["lr"])
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        plan = state_check.checked_load(self, state_dict)
+        with _hooks_held(
+            self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+        ) as post_hooks:
+            super().load_state_dict(plan.torch_state_dict)
+        for p, state in plan.per_param:
+            self.state[p] = state
+        self.emo_state[SENSOR_STATE_KEY] = plan.sensor
+        self.emo_state[META_STATE_KEY] = plan.meta
+        self._flags["warned_no_loss"] = False
         self._refresh_effective_lr()
+        for hook in post_hooks.values():
+            hook(self)
 
 
-def _amp_check_pays(device: torch.device, dtype: torch.dtype, grads: list[Tensor]) -> bool:
-    """Whether the AMP check kernel beats 2-norms: eager, on CPU, for small writable tensors
-    of a dtype it supports (it writes ``g * 1.0`` back, so no expanded or subclass tensors)."""
-    return (
-        device.type == "cpu"
-        and dtype in _SAME_SIZE_INT  # the floating dtypes
-        and sum(g.numel() for g in grads) < _SMALL_GRADS * len(grads)
-        and not torch.compiler.is_compiling()
-        and all(type(g) is Tensor and g.is_contiguous() for g in grads)
-    )
+@contextlib.contextmanager
+def _hooks_held(opt: Optimizer, *names: str) -> Iterator[dict[Any, Callable[..., Any]]]:
+    """Empty torch's hook registries ``names`` for the block and yield the last one's hooks:
+    the Emo optimizer runs them itself, once its own part is done."""
+    held = {name: getattr(opt, name) for name in names}
+    for name in names:
+        setattr(opt, name, OrderedDict())
+    try:
+        yield held[names[-1]]
+    finally:
+        for name, hooks in held.items():
+            setattr(opt, name, hooks)
+
+
+def _overflow_norm(dtype: torch.dtype) -> float:
+    """The smallest 2-norm whose square overflows ``dtype``: sqrt(finfo(dtype).max)."""
+    return math.sqrt(torch.finfo(dtype).max)
 
 
 def _real(t: Tensor) -> Tensor:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_loss_", "local_shard", "world_size"]
+__all__ = ["all_reduce_loss_", "local_shard", "mean_loss_over_ranks", "world_size"]
 
 
 def world_size(process_group: object | None = None) -> int:
@@ -26,6 +27,29 @@ def all_reduce_loss_(loss: Tensor, process_group: object | None = None) -> Tenso
         dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=process_group)
         loss.div_(size)
     return loss
+
+
+def mean_loss_over_ranks(
+    loss: Tensor | None, grads_finite: Tensor | None, like: Tensor, process_group: object | None
+) -> tuple[Tensor, Tensor]:
+    """The mean loss over the ranks that have one, and whether any rank has one.
+
+    Every rank runs the same collective whatever it was fed: one all-reduce of the pair
+    ``[loss·has_loss, has_loss]`` (``loss`` None counts as ``has_loss = 0``), so a rank that
+    steps without a loss contributes nothing instead of desynchronising the others. A rank
+    whose gradients are not finite (``grads_finite`` False) puts nan into the sum, so every
+    rank skips the step together. If no rank had a loss the mean is 0/1 = 0 and the second
+    value is False: no information. ``like`` gives the sensor's dtype and device. No host sync.
+    """
+    has_loss = torch.ones((), dtype=like.dtype, device=like.device)
+    if loss is None:
+        loss, has_loss = torch.zeros_like(has_loss), torch.zeros_like(has_loss)
+    if grads_finite is not None:
+        loss = torch.where(grads_finite.to(loss.device), loss, float("nan"))
+    pair = torch.stack([loss, has_loss])
+    dist.all_reduce(pair, op=dist.ReduceOp.SUM, group=process_group)
+    total, count = pair.unbind(0)
+    return total / torch.clamp(count, min=1.0), count > 0
 
 
 def local_shard(t: Tensor) -> Tensor:

@@ -58,6 +58,9 @@ class EmoSens(EmoOptimizer):
         writer: object with ``add_scalar(tag, value, step)`` for TensorBoard logging
             (default: None).
         log_every: log to ``writer`` every this many steps (default: 1).
+        maximize: maximize the objective instead of minimizing it, like ``torch.optim``:
+            the update ascends the gradient and the loss sensor reads the fed value ``L``
+            as the loss ``-L`` (a rising objective is progress) (default: False).
     """
 
     def __init__(
@@ -80,8 +83,12 @@ class EmoSens(EmoOptimizer):
         compile_update: bool = False,
         writer: Any | None = None,
         log_every: int = 1,
+        maximize: bool = False,
     ) -> None:
+        # Parsed before the cross-checks: class-path users pass strings ("False" is truthy).
         self.fused = as_bool("fused", fused, allow_none=True)
+        foreach = as_bool("foreach", foreach, allow_none=True)
+        compile_update = as_bool("compile_update", compile_update)
         if self.fused and foreach:
             raise ValueError("Invalid foreach/fused: choose one of foreach=True and fused=True")
         if self.fused and compile_update:
@@ -109,6 +116,8 @@ class EmoSens(EmoOptimizer):
             and params[0].device.type in _FUSED_DEVICES
             and all(state["exp_avg"].dtype == torch.float32 for state in states)
         )
+        if fusable:
+            _check_moment_shapes(params, states)  # the fused kernel does not check them
         if self.fused:  # (the constructor rejects fused=True with compile_update=True)
             if not fusable:
                 raise RuntimeError(
@@ -131,6 +140,19 @@ class EmoSens(EmoOptimizer):
             eps=bucket.group["eps"],
             weight_decay=bucket.group["weight_decay"],
         )
+
+
+def _check_moment_shapes(params: list[Tensor], states: list[dict[str, Any]]) -> None:
+    """Moments whose shape differs from their parameter's (state edited in place) would make
+    the fused kernel write past their buffers; refuse them instead."""
+    for index, (p, state) in enumerate(zip(params, states)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state[key].shape != p.shape:
+                raise RuntimeError(
+                    f"EmoSens: state[{key!r}] of shape {tuple(state[key].shape)} does not match "
+                    f"its parameter of shape {tuple(p.shape)} (tensor {index} of its bucket); "
+                    "optimizer state must keep its parameter's shape"
+                )
 
 
 def emosens(bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:

@@ -16,20 +16,20 @@ from tests.core.cases import NAMES, OPTIMIZERS, scripted_losses, set_random_grad
 
 # --------------------------------------------------------------------------- errors
 BAD_ARGS = [
-    (EmoSens, {"lr": 0.0}, r"Invalid lr: 0.0 \(expected 0.0 < lr\)"),
+    (EmoSens, {"lr": 0.0}, r"Invalid lr: 0.0 \(expected finite 0.0 < lr\)"),
     (EmoSens, {"lr": -1}, r"Invalid lr"),
     (
         EmoSens,
         {"betas": (1.0, 0.9)},
-        r"Invalid betas\[0\]: 1.0 \(expected 0.0 <= betas\[0\] < 1.0\)",
+        r"Invalid betas\[0\]: 1.0 \(expected finite 0.0 <= betas\[0\] < 1.0\)",
     ),
     (EmoSens, {"betas": (0.9, -0.1)}, r"Invalid betas\[1\]"),
     (EmoSens, {"betas": 0.9}, r"Invalid betas: 0.9 \(expected a pair"),
-    (EmoSens, {"eps": 0.0}, r"Invalid eps: 0.0 \(expected 0.0 < eps\)"),
+    (EmoSens, {"eps": 0.0}, r"Invalid eps: 0.0 \(expected finite 0.0 < eps\)"),
     (
         EmoSens,
         {"weight_decay": -0.1},
-        r"Invalid weight_decay: -0.1 \(expected 0.0 <= weight_decay\)",
+        r"Invalid weight_decay: -0.1 \(expected finite 0.0 <= weight_decay\)",
     ),
     (EmoSens, {"min_lr": 0.0}, r"Invalid min_lr"),
     (EmoSens, {"min_lr": 1e-2, "max_lr": 1e-3}, r"Invalid min_lr/max_lr.*0 < min_lr <= max_lr"),
@@ -44,7 +44,7 @@ BAD_ARGS = [
     (EmoSens, {"fused": True, "compile_update": True}, r"Invalid fused/compile_update"),
     (EmoCats, {"compile_update": None}, r"Invalid compile_update: None \(expected True or False\)"),
     (EmoCats, {"betas": (0.9, 1.0)}, r"Invalid betas\[1\]"),
-    (EmoAiry, {"beta2": 1.0}, r"Invalid beta2: 1.0 \(expected 0.0 <= beta2 < 1.0\)"),
+    (EmoAiry, {"beta2": 1.0}, r"Invalid beta2: 1.0 \(expected finite 0.0 <= beta2 < 1.0\)"),
     (EmoAiry, {"clip_threshold": 0}, r"Invalid clip_threshold"),
     (EmoAiry, {"eps": -1e-8}, r"Invalid eps"),
 ]
@@ -121,15 +121,26 @@ def test_bad_loss_raises_and_modifies_nothing(loss, error, pattern: str) -> None
     _assert_same(opt.state_dict(), state_before)
 
 
-def test_closure_must_return_a_loss() -> None:
+def test_closure_returning_none_warns_once_and_keeps_the_lr() -> None:
+    """As the README says of a missing loss: warn once, keep the LR, still apply the grads."""
     p = torch.zeros(2, requires_grad=True)
     opt = EmoSens([p])
     p.grad = torch.ones(2)
-    with pytest.raises(TypeError, match=r"closure returned None"):
-        opt.step(lambda: None)
+    opt.step(loss=1.0)
+    lr = opt.get_effective_lr()
+    moved = p.detach().clone()
+    p.grad = torch.ones(2)
+    with pytest.warns(UserWarning, match="received no loss"):
+        assert opt.step(lambda: None) is None
+    assert opt.get_effective_lr() == lr
+    assert opt.telemetry()["sensed_steps"] == 1
+    assert not torch.equal(p.detach(), moved)  # the gradients were applied
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda: None)  # once
     p.grad = None
     assert opt.step(lambda: None) is None  # a skipped batch: nothing to sense or apply
-    assert opt.telemetry()["sensed_steps"] == 0
+    assert opt.telemetry()["sensed_steps"] == 1
     with pytest.raises(TypeError, match=r"closure\(\).*got dict"):
         opt.step(lambda: {"loss": 1.0})
     with pytest.raises(ValueError, match=r"set_loss\(\)"):
@@ -228,7 +239,7 @@ def test_loss_that_requires_grad_is_detached_and_not_kept_alive() -> None:
     assert not pending.requires_grad and pending.grad_fn is None
     assert pending.data_ptr() != loss.data_ptr()
     opt.step()
-    for value in opt.state_dict()["state"]["emo_pulse"].values():
+    for value in opt.state_dict()["param_groups"][0]["emo_state"]["emo_pulse"].values():
         assert not value.requires_grad
 
 
@@ -326,9 +337,10 @@ def test_non_finite_step_changes_nothing_and_training_continues(
     opt.step(loss=loss)
     _assert_same(model.state_dict(), params_before)
     after = opt.state_dict()
-    assert after["state"]["emo_pulse"]["skipped"] == 1
-    after["state"]["emo_pulse"]["skipped"] = state_before["state"]["emo_pulse"]["skipped"]
-    after["state"]["emo_meta"] = state_before["state"]["emo_meta"]
+    emo_after, emo_before = (sd["param_groups"][0]["emo_state"] for sd in (after, state_before))
+    assert emo_after["emo_pulse"]["skipped"] == 1
+    emo_after["emo_pulse"]["skipped"] = emo_before["emo_pulse"]["skipped"]
+    emo_after["emo_meta"] = emo_before["emo_meta"]
     _assert_same(after, state_before)
     set_random_grads(params, 4)
     opt.step(loss=0.4)
@@ -354,7 +366,7 @@ def test_the_finite_check_flags_every_bad_value_and_leaves_gradients_bitwise(
     opt.step(loss=1.0)
     for g, before in zip((p.grad for p in params), grads):
         assert torch.equal(g.view(torch.int32), before.view(torch.int32))
-    assert int(opt.state["emo_pulse"]["skipped"]) == (bad is not None)
+    assert int(opt.emo_state["emo_pulse"]["skipped"]) == (bad is not None)
 
 
 # ------------------------------------------------------------------- resume

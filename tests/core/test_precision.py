@@ -99,7 +99,7 @@ def test_bf16_stochastic_rounding_resume_is_reproducible(name: str) -> None:
     ref_params, ref_opt = fresh()
     train(ref_params, ref_opt, range(20))
     params, opt = fresh()
-    opt.state["emo_meta"]["seed"] = ref_opt.state["emo_meta"]["seed"]  # same seed
+    opt.emo_state["emo_meta"]["seed"] = ref_opt.emo_state["emo_meta"]["seed"]  # same seed
     train(params, opt, range(10))
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)

@@ -295,7 +295,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path, tokenizer, blocks):
     checkpoint = tmp_path / "full" / "out" / "checkpoint-10"
 
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    assert "emo_pulse" in saved["state"]  # the loss sensor travels in optimizer.pt
+    assert "emo_pulse" in saved["param_groups"][0]["emo_state"]  # the sensor is in optimizer.pt
 
     resumed = EmoTrainer(
         model=tiny_llama(tokenizer),

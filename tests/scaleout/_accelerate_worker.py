@@ -38,7 +38,7 @@ def train(name: str, dtype: torch.dtype = torch.float32, seed: int | None = None
     torch.manual_seed(accelerator.process_index)  # replicas must not rely on equal init
     opt = emo_core.get_optimizer(name)(model.parameters())
     if seed is not None:
-        opt.state["emo_meta"]["seed"] = seed
+        opt.emo_state["emo_meta"]["seed"] = seed
     model, opt, loader = accelerator.prepare(
         model, opt, DataLoader(data, batch_size=4, shuffle=False)
     )

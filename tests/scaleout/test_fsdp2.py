@@ -63,15 +63,10 @@ def test_dcp_save_load_of_optimizer_state_dict_resumes_exactly(report: dict, nam
     assert dcp["steps"][0] == dcp["steps"][1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.distributed.checkpoint.state_dict.get_optimizer_state_dict maps every key of "
-    "optimizer.state_dict()['state'] to a parameter FQN; the sensor entries 'emo_pulse' and "
-    "'emo_meta' are not parameters -> KeyError: 'emo_pulse'. Use opt.state_dict() with dcp.save/"
-    "dcp.load (tested above) until the sensor state moves out of state_dict()['state'].",
-)
 @pytest.mark.parametrize("name", NAMES)
 def test_dcp_state_dict_helpers_round_trip(report: dict, name: str) -> None:
+    """get_state_dict / set_state_dict (torch.distributed.checkpoint.state_dict), as FSDP2
+    trainers use them; a strict xfail until the sensor moved out of ``state`` (issue 13)."""
     helpers = report[name]["dcp_helpers"]
     assert helpers["ok"], helpers["error"]
 
