@@ -25,9 +25,12 @@ Contract (SPEC §1, source 4):
   accelerate's ``accelerator.backward``, the HF ``Trainer`` and Lightning divide each
   micro-batch loss by the number of micro-batches N (by the window's token count when the
   model takes ``num_items_in_batch``) before backward, so the sum is the mean micro-batch loss
-  of the step, exactly what explicit ``add_loss`` feeding senses, and it stays right when N
-  changes (a short last window). A loop that does not divide senses N times the mean; the
-  sensor is invariant to a constant loss scale, so only a changing N would matter there.
+  of the step, exactly what explicit ``add_loss`` feeding senses. The HF Trainer divides a
+  short last window by its real length k, so it stays exact; accelerate and Lightning divide it
+  by N as well, so there the capture senses k/N of that window's mean, as its gradient is
+  scaled (explicit feeding, e.g. ``EmoCallback``, is exact). A loop that does not divide
+  senses N times the mean; the sensor is invariant to a constant loss scale, so only a
+  changing N matters there.
 - **Who senses what.** Capture is process-wide (backward calls in any thread) and goes to
   every capturing optimizer. ``zero_grad()`` on an optimizer drops what it captured (those
   gradients are gone), so in the usual pattern ``opt_d.zero_grad(); d_loss.backward();

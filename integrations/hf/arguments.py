@@ -198,8 +198,22 @@ def emo_arguments(base: type[TrainingArguments]) -> type[TrainingArguments]:
         return base
     made = _EMO_ARGUMENTS.get(base)
     if made is None:
-        namespace = {"__module__": base.__module__, "__qualname__": f"Emo{base.__qualname__}"}
+        namespace = {
+            "__module__": base.__module__,
+            "__qualname__": f"Emo{base.__qualname__}",
+            # Not an attribute of any module, so pickled (the Trainer saves training_args.bin)
+            # as "emo_arguments(base) with this state".
+            "__reduce__": lambda self: (_restore, (base, self.__dict__.copy())),
+        }
         made = _EMO_ARGUMENTS[base] = type(
             f"Emo{base.__name__}", (EmoArgumentsMixin, base), namespace
         )
     return made
+
+
+def _restore(base: type[TrainingArguments], state: dict[str, Any]) -> TrainingArguments:
+    """Unpickle an ``emo_arguments(base)`` instance."""
+    cls = emo_arguments(base)
+    restored = cls.__new__(cls)
+    restored.__dict__.update(state)
+    return restored

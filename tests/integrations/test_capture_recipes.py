@@ -147,6 +147,9 @@ def test_trl_sft_trainer_takes_optim_emosens_in_its_own_config(tmp_path: Path) -
         **common,
     )
     assert args.optim == "emosens" and args.learning_rate == 1.0
+    torch.save(args, tmp_path / "args.bin")  # what the Trainer does at each checkpoint
+    restored = torch.load(tmp_path / "args.bin", weights_only=False)
+    assert type(restored) is EmoSFTConfig and restored.to_dict() == args.to_dict()
     assert EmoSFTConfig(use_cpu=True, **common).learning_rate == 2e-5  # SFTConfig's own default
     trainer = EmoSFTTrainer(model=str(folder), args=args, train_dataset=data)
     trainer.train()
