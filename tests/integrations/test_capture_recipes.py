@@ -156,7 +156,16 @@ def test_trl_sft_trainer_takes_optim_emosens_in_its_own_config(tmp_path: Path) -
     assert_sensed(unwrap(trainer.optimizer), logged_losses(trainer))
     # The command line and a hand-written mixin class take the names too.
     (parsed,) = HfArgumentParser(EmoSFTConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--optim", "emocats", "--use_cpu", "true", "--bf16", "false"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--optim",
+            "emocats",
+            "--use_cpu",
+            "true",
+            "--bf16",
+            "false",
+        ]
     )
     assert parsed.optim == "emocats"
 
