@@ -178,7 +178,8 @@ def test_trl_sft_trainer_takes_optim_emosens_in_its_own_config(tmp_path: Path) -
 
 
 # --------------------------------------------------------------------- accelerate
-def test_accelerate_loop_with_capture_and_accumulation() -> None:
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp32", "grad-scaler"])
+def test_accelerate_loop_with_capture_and_accumulation(scaled: bool) -> None:
     pytest.importorskip("accelerate")
     from accelerate import Accelerator
 
@@ -186,6 +187,11 @@ def test_accelerate_loop_with_capture_and_accumulation() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     accelerator = Accelerator(gradient_accumulation_steps=n, cpu=True)
+    if scaled:
+        # accelerate builds its GradScaler only for fp16 on a GPU; hand it a real CPU one
+        # (before prepare, as accelerate does) whose scale doubles after every step, so its
+        # own backward (scaler.scale(loss / n).backward()) and step/update paths run.
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
     opt = EmoSens(model.parameters(), capture_loss=True)
     loader = DataLoader(regression_data(48), batch_size=4)  # 12 batches: 4 full windows
     model, opt, loader = accelerator.prepare(model, opt, loader)
@@ -199,6 +205,8 @@ def test_accelerate_loop_with_capture_and_accumulation() -> None:
             micro.append(float(loss.detach()))
     windows = [math.fsum(micro[i : i + n]) / n for i in range(0, len(micro), n)]
     assert len(windows) == 4
+    if scaled:
+        assert accelerator.scaler.get_scale() == 8.0 * 2**4
     assert_sensed(unwrap(opt), windows)
     unwrap(opt).close()
 
