@@ -148,7 +148,10 @@ class EmoArgumentsMixin:
         optimizer_cls = get_optimizer(name)
         kwargs = parse_optim_args(self.optim_args, optimizer_cls)
         dummy = [torch.nn.Parameter(torch.zeros(1))]
-        optimizer_cls(dummy, lr=self.learning_rate, weight_decay=self.weight_decay, **kwargs)
+        probe = optimizer_cls(
+            dummy, lr=self.learning_rate, weight_decay=self.weight_decay, **kwargs
+        )
+        probe.close()  # capture_loss=True: do not keep the backward patch for a probe
 
     @classmethod
     def _resolve_learning_rate(cls, learning_rate: float | None, name: str) -> float:

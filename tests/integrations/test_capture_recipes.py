@@ -115,6 +115,22 @@ def test_plain_hf_trainer_with_capture_senses_the_logged_losses(tmp_path: Path) 
     emo.close()
 
 
+def test_hf_arguments_warn_about_a_small_learning_rate_at_the_user_line(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from emo_hf import EmoTrainingArguments
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        EmoTrainingArguments(
+            output_dir=str(tmp_path), optim="emocats", learning_rate=1e-4, report_to="none"
+        )
+    guard = [w for w in caught if "multiplies the automatic learning rate" in str(w.message)]
+    assert len(guard) == 1 and guard[0].filename == __file__
+    # The arguments' probe optimizer with capture_loss=True leaves no patch behind.
+    EmoTrainingArguments(output_dir=str(tmp_path), optim="emosens", optim_args="capture_loss=True")
+    assert not capture.capture_installed()
+
+
 def test_trl_sft_trainer_takes_optim_emosens_in_its_own_config(tmp_path: Path) -> None:
     pytest.importorskip("trl")
     from datasets import Dataset
