@@ -3,7 +3,8 @@
 One optimizer step, in order (SPEC §1-5):
 
 1. call the closure once under ``enable_grad`` (if given);
-2. pick the loss: ``step(loss=)`` > pending ``set_loss``/``add_loss`` > closure value;
+2. pick the loss: ``step(loss=)`` > pending ``set_loss``/``add_loss`` > the sum captured from
+   ``backward()`` (``capture_loss=True``, ``capture.py``) > closure value;
 3. check every gradient (sparse -> error) before anything changes;
 4. one device flag for "loss and all gradients finite", folded into the loss so that the
    optional cross-rank mean (one 0-dim all-reduce) makes all ranks agree;
@@ -30,9 +31,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import state_check
+from . import capture, state_check
 from ._validation import as_bool, as_float_dtype, as_int, check_lr, check_range, loss_to_tensor
 from .distributed import local_shard, mean_loss_over_ranks, world_size
+from .lr_guard import warn_if_small_lr
 from .metrics import metric_values
 from .precision import LOW_PRECISION, copy_stochastic_, default_state_dtype
 from .pulse import init_sensor_state, pulse_update
@@ -75,7 +77,8 @@ _NO_LOSS_WARNING = (
     "{name}.step() received no loss, so emoPulse cannot adapt and the previous learning rate "
     "is reused. Feed the training loss each step in one of three ways: opt.step(loss=loss), "
     "opt.set_loss(loss) / opt.add_loss(loss) before step(), or a closure that returns the "
-    "loss. With Lightning add emo_lightning.EmoCallback; with transformers use emo_hf."
+    "loss. With Lightning add emo_lightning.EmoCallback; with transformers use emo_hf; for a "
+    "script you cannot change, construct the optimizer with capture_loss=True."
 )
 
 
@@ -194,6 +197,7 @@ COMMON_OPTIONS = (
     "writer",
     "log_every",
     "maximize",
+    "capture_loss",
 )
 """Constructor arguments every Emo optimizer takes and hands to :class:`EmoOptimizer`."""
 
@@ -229,6 +233,7 @@ class EmoOptimizer(Optimizer):
         writer: Any | None,
         log_every: int,
         maximize: bool = False,
+        capture_loss: bool = False,
     ) -> None:
         lr = check_range("lr", lr, 0.0, low_inclusive=False)
         self.min_lr = check_range("min_lr", min_lr, 0.0, low_inclusive=False)
@@ -255,6 +260,7 @@ class EmoOptimizer(Optimizer):
         self.log_every = as_int("log_every", log_every)
         if self.log_every < 1:
             raise ValueError(f"Invalid log_every: {log_every!r} (expected log_every >= 1)")
+        self.capture_loss = as_bool("capture_loss", capture_loss)
         defaults = {
             "lr": lr,
             "scope": lr,
@@ -276,6 +282,8 @@ class EmoOptimizer(Optimizer):
             META_STATE_KEY: self._new_meta_state(),
         }
         self._refresh_effective_lr()
+        if self.capture_loss:  # last: a failed constructor installs nothing
+            capture.attach(self)
 
     # ----------------------------------------------------------------- construction
     def _new_sensor_state(self, device: torch.device) -> dict[str, Tensor]:
@@ -305,6 +313,7 @@ class EmoOptimizer(Optimizer):
             raise TypeError(f"Invalid param_group: expected a dict, got {type(param_group)}")
         candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._check_group(candidate)
+        warn_if_small_lr(self, candidate["lr"])
         param_group = {**param_group, **candidate}
         super().add_param_group(param_group)
         if "emo_state" in self.__dict__:  # (not during __init__): the new group's emo_lr
@@ -357,16 +366,34 @@ class EmoOptimizer(Optimizer):
         pending["count"] += 1
 
     def _pick_loss(
-        self, explicit: Any, closure_value: Any, has_closure: bool, has_grads: bool
+        self,
+        explicit: Any,
+        closure_value: Any,
+        has_closure: bool,
+        has_grads: bool,
+        captured: Tensor | None = None,
     ) -> Tensor | None:
         if explicit is not None:
             return self._as_loss(explicit, "step(loss=...)")
         if self._pending["sum"] is not None:
             return self._pending["sum"] / self._pending["count"]
+        if captured is not None:  # capture_loss=True: the sum since the last step (capture.py)
+            return self._as_loss(captured, "capture_loss")
         if has_closure and closure_value is not None:
             return self._as_loss(closure_value, "closure()")
         # No loss (also a closure returning None): warned once, the previous LR is kept.
         return None
+
+    @torch._disable_dynamo  # as torch's own zero_grad (no graph break inside emo_core)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Like ``torch.optim``; also drops the losses captured for the zeroed gradients."""
+        super().zero_grad(set_to_none)
+        capture.discard(self)
+
+    def close(self) -> None:
+        """End ``capture_loss``: backward calls no longer reach this optimizer, and the
+        backward patch is removed once no capturing optimizer is left. Idempotent."""
+        capture.release(self)
 
     # ------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -384,7 +411,8 @@ class EmoOptimizer(Optimizer):
                 closure_value = closure()
         work = self._collect()  # raises before anything changes
         has_grads = any(work)
-        loss_t = self._pick_loss(loss, closure_value, closure is not None, has_grads)
+        captured = capture.take(self)
+        loss_t = self._pick_loss(loss, closure_value, closure is not None, has_grads, captured)
         self._pending.update(sum=None, count=0)
         # Every rank must join the same loss collective, whatever it was fed (SPEC §1).
         across_ranks = self.sync_loss and world_size(self.process_group) > 1

@@ -61,6 +61,9 @@ class EmoSens(EmoOptimizer):
         maximize: maximize the objective instead of minimizing it, like ``torch.optim``:
             the update ascends the gradient and the loss sensor reads the fed value ``L``
             as the loss ``-L`` (a rising objective is progress) (default: False).
+        capture_loss: sense the loss of every scalar ``backward()`` while this optimizer
+            lives, for scripts that never pass it; patches ``torch.autograd.backward`` until
+            ``close()`` (see ``emo_core.capture``) (default: False).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class EmoSens(EmoOptimizer):
         writer: Any | None = None,
         log_every: int = 1,
         maximize: bool = False,
+        capture_loss: bool = False,
     ) -> None:
         # Parsed before the cross-checks: class-path users pass strings ("False" is truthy).
         self.fused = as_bool("fused", fused, allow_none=True)
