@@ -87,7 +87,8 @@ def _clip_text_config(tokenizer, hidden: int, projection: int | None = None):
     )
 
 
-def build_tiny_vae():
+def build_tiny_vae(**latent_scaling: float):
+    """A 4-block VAE (8x down). SD3 scripts also need ``shift_factor`` in its config."""
     from diffusers import AutoencoderKL
 
     blocks = len(VAE_BLOCKS)
@@ -101,6 +102,7 @@ def build_tiny_vae():
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=32,
         sample_size=IMAGE_SIZE,
+        **latent_scaling,
     )
 
 
@@ -202,7 +204,7 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=build_tiny_vae(),
+        vae=build_tiny_vae(scaling_factor=1.5305, shift_factor=0.0609),  # SD3's VAE values
         text_encoder=clip_1,
         tokenizer=clip_tokenizer,
         text_encoder_2=clip_2,
