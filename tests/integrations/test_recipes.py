@@ -42,7 +42,9 @@ def test_tiny_sd15_loads_with_from_pretrained_and_denoises(tmp_path: Path) -> No
     assert latents.shape == (1, tiny_models.LATENT_CHANNELS, 8, 8)
     assert torch.isfinite(latents).all()
     # sd-scripts reads its tokenizer from --tokenizer_cache_dir/<name>: same vocabulary.
-    cached = CLIPTokenizer.from_pretrained(saved / "tokenizer_cache" / tiny_models.KOHYA_TOKENIZER_NAME)
+    cached = CLIPTokenizer.from_pretrained(
+        saved / "tokenizer_cache" / tiny_models.KOHYA_TOKENIZER_NAME
+    )
     assert cached.model_max_length == 77
     assert cached("digit 3").input_ids == pipe.tokenizer("digit 3").input_ids
     assert len(cached) == pipe.text_encoder.config.vocab_size
@@ -74,9 +76,19 @@ def test_launcher_runs_script_offline_with_its_argv_and_traces_lr(tmp_path: Path
     )
     trace = tmp_path / "trace.jsonl"
     done = subprocess.run(
-        [sys.executable, str(RECIPES / "run_offline.py"), "--trace", str(trace), str(script),
-         "--lr", "0.25"],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            str(RECIPES / "run_offline.py"),
+            "--trace",
+            str(trace),
+            str(script),
+            "--lr",
+            "0.25",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
@@ -89,7 +101,10 @@ def test_launcher_runs_script_offline_with_its_argv_and_traces_lr(tmp_path: Path
 def test_launcher_rejects_a_missing_script(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(RECIPES / "run_offline.py"), str(tmp_path / "absent.py")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 2
     assert "script not found" in done.stderr and "absent.py" in done.stderr
