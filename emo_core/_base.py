@@ -27,8 +27,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import capture
 from ._validation import as_bool, as_float_dtype, as_int, check_range, loss_to_tensor
 from .distributed import all_reduce_loss_, local_shard
+from .lr_guard import warn_if_small_lr
 from .precision import LOW_PRECISION, copy_stochastic_, default_state_dtype
 from .pulse import init_sensor_state, pulse_update
 
@@ -189,6 +191,7 @@ COMMON_OPTIONS = (
     "compile_update",
     "writer",
     "log_every",
+    "capture_loss",
 )
 """Constructor arguments every Emo optimizer takes and hands to :class:`EmoOptimizer`."""
 
@@ -223,6 +226,7 @@ class EmoOptimizer(Optimizer):
         compile_update: bool,
         writer: Any | None,
         log_every: int,
+        capture_loss: bool = False,
     ) -> None:
         lr = check_range("lr", lr, 0.0, low_inclusive=False)
         self.min_lr = check_range("min_lr", min_lr, 0.0, low_inclusive=False)
@@ -248,6 +252,7 @@ class EmoOptimizer(Optimizer):
         self.log_every = as_int("log_every", log_every)
         if self.log_every < 1:
             raise ValueError(f"Invalid log_every: {log_every!r} (expected log_every >= 1)")
+        self.capture_loss = as_bool("capture_loss", capture_loss)
         defaults = {
             "lr": lr,
             "scope": lr,
@@ -270,6 +275,8 @@ class EmoOptimizer(Optimizer):
             "seed": DEFAULT_ROUNDING_SEED,
         }
         self._refresh_effective_lr()
+        if self.capture_loss:  # last: a failed constructor installs nothing
+            capture.attach(self)
 
     # ----------------------------------------------------------------- construction
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -287,6 +294,7 @@ class EmoOptimizer(Optimizer):
             raise TypeError(f"Invalid param_group: expected a dict, got {type(param_group)}")
         candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._check_group(candidate)
+        warn_if_small_lr(self, candidate["lr"])
         param_group = {**param_group, **candidate}
         super().add_param_group(param_group)
 
@@ -326,12 +334,19 @@ class EmoOptimizer(Optimizer):
         pending["count"] += 1
 
     def _pick_loss(
-        self, explicit: Any, closure_value: Any, has_closure: bool, has_grads: bool
+        self,
+        explicit: Any,
+        closure_value: Any,
+        has_closure: bool,
+        has_grads: bool,
+        captured: Tensor | None = None,
     ) -> Tensor | None:
         if explicit is not None:
             return self._as_loss(explicit, "step(loss=...)")
         if self._pending["sum"] is not None:
             return self._pending["sum"] / self._pending["count"]
+        if captured is not None:  # capture_loss=True: the sum since the last step (capture.py)
+            return self._as_loss(captured, "capture_loss")
         if has_closure:
             if closure_value is None and has_grads:
                 raise TypeError(
@@ -342,6 +357,16 @@ class EmoOptimizer(Optimizer):
             # None with no gradients: a skipped batch (Lightning's training_step -> None).
             return None if closure_value is None else self._as_loss(closure_value, "closure()")
         return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Like ``torch.optim``; also drops the losses captured for the zeroed gradients."""
+        super().zero_grad(set_to_none)
+        capture.discard(self)
+
+    def close(self) -> None:
+        """End ``capture_loss``: backward calls no longer reach this optimizer, and the
+        backward patch is removed once no capturing optimizer is left. Idempotent."""
+        capture.release(self)
 
     # ------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -359,7 +384,8 @@ class EmoOptimizer(Optimizer):
                 closure_value = closure()
         work = self._collect()  # raises before anything changes
         has_grads = any(work)
-        loss_t = self._pick_loss(loss, closure_value, closure is not None, has_grads)
+        captured = capture.take(self)
+        loss_t = self._pick_loss(loss, closure_value, closure is not None, has_grads, captured)
         self._pending.update(sum=None, count=0)
         if loss_t is None and not has_grads and closure is not None:
             return closure_value  # nothing to sense and nothing to update

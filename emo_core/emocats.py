@@ -32,7 +32,7 @@ class EmoCats(EmoOptimizer):
         **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``use_shadow``,
             ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
             ``stochastic_rounding``, ``foreach``, ``compile_update``, ``writer``,
-            ``log_every``).
+            ``log_every``, ``capture_loss``).
     """
 
     def __init__(
@@ -53,6 +53,7 @@ class EmoCats(EmoOptimizer):
         compile_update: bool = False,
         writer: Any | None = None,
         log_every: int = 1,
+        capture_loss: bool = False,
     ) -> None:
         super().__init__(params, {"betas": betas}, **common_options(locals()))
 

@@ -58,6 +58,9 @@ class EmoSens(EmoOptimizer):
         writer: object with ``add_scalar(tag, value, step)`` for TensorBoard logging
             (default: None).
         log_every: log to ``writer`` every this many steps (default: 1).
+        capture_loss: sense the loss of every scalar ``backward()`` while this optimizer
+            lives, for scripts that never pass it; patches ``torch.autograd.backward`` until
+            ``close()`` (see ``emo_core.capture``) (default: False).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class EmoSens(EmoOptimizer):
         compile_update: bool = False,
         writer: Any | None = None,
         log_every: int = 1,
+        capture_loss: bool = False,
     ) -> None:
         self.fused = as_bool("fused", fused, allow_none=True)
         if self.fused and foreach:

@@ -102,7 +102,7 @@ def test_set_optimizer_accepts_emo_names(tmp_path):
         ("use_shadow='False'", r"expected bool"),
         ("betas=(0.9,)", r"expected tuple\[float, float\]"),
         ("max_lr=fast", r"max_lr='fast' for EmoSens: expected float"),
-        ("momentum=0.9", r"key 'momentum' for EmoSens; accepted keys: betas, compile_update, eps"),
+        ("momentum=0.9", r"key 'momentum' for EmoSens; accepted keys: betas, capture_loss, compile_update, eps"),
         ("lr=2.0", r"use learning_rate"),
         ("weight_decay=0.1", r"use weight_decay"),
         ("eps", r"expected key=value"),
