@@ -10,13 +10,14 @@ script) and then runs the script with ``runpy`` as ``__main__``:
 - a torchvision whose compiled part cannot load next to this torch (the registry's
   Linux wheel is a CUDA build) gets the two operator schemas its import registers fake
   kernels for, so ``torchvision.transforms`` imports;
-- ``transformers.CLIPFeatureExtractor`` (removed in transformers 5, imported by
-  sd-scripts) is aliased to ``CLIPImageProcessor`` when missing;
-- for sd-scripts, its own SD1.x U-Net's size constants are set from the model's
-  ``unet/config.json`` (they equal the defaults for a real SD1.x model);
+- for sd-scripts only (a ``library/`` package beside the script):
+  ``transformers.CLIPFeatureExtractor`` (removed in transformers 5, imported by
+  sd-scripts) is aliased to ``CLIPImageProcessor`` when missing, and sd-scripts' own SD1.x
+  U-Net's size constants are set from the model's ``unet/config.json`` (they equal the
+  defaults for a real SD1.x model);
 - ``--trace FILE`` appends one JSON line per optimizer step with each group's ``lr``
-  and, for Emo optimizers, the applied ``emo_lr``: observation only, through
-  ``torch.optim``'s global step hook.
+  and, for Emo optimizers, the applied ``emo_lr`` and how many losses the optimizer has
+  sensed: observation only, through ``torch.optim``'s global step hook.
 
 Usage (one process, CPU, no accelerate config needed)::
 
@@ -93,6 +94,11 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def is_sd_scripts(script: Path) -> bool:
+    """A script of kohya sd-scripts: its ``library`` package sits beside it."""
+    return (script.parent / "library" / "train_util.py").is_file()
+
+
 def size_kohya_unet(script_dir: Path, script_argv: list[str]) -> dict[str, object]:
     """Set sd-scripts' U-Net module constants from ``<model>/unet/config.json``."""
     model = _option(script_argv, "--pretrained_model_name_or_path")
@@ -127,7 +133,7 @@ def size_kohya_unet(script_dir: Path, script_argv: list[str]) -> dict[str, objec
 
 
 def install_step_trace(path: Path) -> None:
-    """Append ``{"step", "lr", "emo_lr"}`` per optimizer step to ``path`` (JSON lines)."""
+    """Append ``{"step", "lr", "emo_lr", "sensed_steps"}`` per optimizer step (JSON lines)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     counts: dict[int, int] = {}
@@ -144,6 +150,11 @@ def install_step_trace(path: Path) -> None:
         }
         if all("emo_lr" in group for group in groups):
             line["emo_lr"] = [float(group["emo_lr"]) for group in groups]
+        telemetry = getattr(optimizer, "telemetry", None)
+        if callable(telemetry):  # Emo: how many losses reached the sensor, and their EMA
+            sensor = telemetry()
+            line["sensed_steps"] = int(sensor["sensed_steps"])
+            line["loss_ema_short"] = sensor["ema_short"]
         with path.open("a") as stream:
             stream.write(json.dumps(line) + "\n")
 
@@ -171,11 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     script = args.script.resolve()
     # What `python script.py` would do: the script's folder first on the path.
     sys.path[:0] = [str(script.parent), *(str(Path(p).resolve()) for p in args.path)]
-    report = {
-        "torchvision": prepare_torchvision(),
-        "CLIPFeatureExtractor aliased": alias_clip_feature_extractor(),
-        "sd-scripts U-Net constants set": sorted(size_kohya_unet(script.parent, args.script_args)),
-    }
+    report: dict[str, object] = {"torchvision": prepare_torchvision()}
+    if is_sd_scripts(script):
+        report["CLIPFeatureExtractor aliased"] = alias_clip_feature_extractor()
+        report["sd-scripts U-Net constants set"] = sorted(
+            size_kohya_unet(script.parent, args.script_args)
+        )
     print(f"[run_offline] {json.dumps(report)}", file=sys.stderr)
     if args.trace is not None:
         install_step_trace(args.trace)

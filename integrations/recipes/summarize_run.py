@@ -59,6 +59,8 @@ def summarize(log_dir: Path, trace: Path | None, window: int = 10) -> dict[str, 
             applied_lr_min=min(applied, default=None),
             applied_lr_max=max(applied, default=None),
         )
+        if steps and "sensed_steps" in steps[-1]:
+            summary["sensed_steps"] = steps[-1]["sensed_steps"]
     return summary
 
 

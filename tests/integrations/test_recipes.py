@@ -98,6 +98,43 @@ def test_launcher_runs_script_offline_with_its_argv_and_traces_lr(tmp_path: Path
     assert all(s["optimizer"] == "SGD" and s["lr"] == [0.25] for s in steps)
 
 
+def test_launcher_trace_shows_capture_feeding_an_unmodified_loop(tmp_path: Path) -> None:
+    """A loop that never passes the loss to step(): with capture_loss=True the trace shows
+    every step's loss reaching the optimizer; without it, none does."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch, emo_core\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Linear(4, 1)\n"
+        "opt = emo_core.EmoSens(model.parameters(), capture_loss=sys.argv[1] == 'capture')\n"
+        "x, y = torch.randn(16, 4), torch.randn(16, 1)\n"
+        "for _ in range(4):\n"
+        "    torch.nn.functional.mse_loss(model(x), y).backward(); opt.step(); opt.zero_grad()\n"
+    )
+    sensed = {}
+    for mode in ("capture", "plain"):
+        trace = tmp_path / f"{mode}.jsonl"
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(RECIPES / "run_offline.py"),
+                "--trace",
+                str(trace),
+                str(script),
+                mode,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        steps = [json.loads(line) for line in trace.read_text().splitlines()]
+        assert all(s["optimizer"] == "EmoSens" and len(s["emo_lr"]) == 1 for s in steps)
+        sensed[mode] = [s["sensed_steps"] for s in steps]
+    assert sensed == {"capture": [1, 2, 3, 4], "plain": [0, 0, 0, 0]}
+
+
 def test_launcher_rejects_a_missing_script(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(RECIPES / "run_offline.py"), str(tmp_path / "absent.py")],
