@@ -3,7 +3,8 @@
 One optimizer step, in order (SPEC §1-5):
 
 1. call the closure once under ``enable_grad`` (if given);
-2. pick the loss: ``step(loss=)`` > pending ``set_loss``/``add_loss`` > closure value;
+2. pick the loss: ``step(loss=)`` > pending ``set_loss``/``add_loss`` > the sum captured from
+   ``backward()`` (``capture_loss=True``, ``capture.py``) > closure value;
 3. check every gradient (sparse -> error) before anything changes;
 4. one device flag for "loss and all gradients finite", folded into the loss so that the
    optional cross-rank mean (one 0-dim all-reduce) makes all ranks agree;
@@ -73,7 +74,8 @@ _NO_LOSS_WARNING = (
     "{name}.step() received no loss, so emoPulse cannot adapt and the previous learning rate "
     "is reused. Feed the training loss each step in one of three ways: opt.step(loss=loss), "
     "opt.set_loss(loss) / opt.add_loss(loss) before step(), or a closure that returns the "
-    "loss. With Lightning add emo_lightning.EmoCallback; with transformers use emo_hf."
+    "loss. With Lightning add emo_lightning.EmoCallback; with transformers use emo_hf; for a "
+    "script you cannot change, construct the optimizer with capture_loss=True."
 )
 
 

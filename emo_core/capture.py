@@ -5,16 +5,18 @@ scripts, OneTrainer, a plain ``transformers.Trainer``) never pass the loss to ``
 With ``capture_loss=True`` the optimizer takes it from the backward passes instead, with no
 change to the script. This is the package's one global side effect, and it is opt-in.
 
-Contract (SPEC §1, source 4):
+Contract (extends SPEC §1, the sources of the loss):
 
-- **What is patched.** While at least one capturing optimizer is alive, ``torch.autograd.backward``
-  (which ``Tensor.backward``, ``accelerator.backward``, the HF ``Trainer`` and Lightning all
-  end in) is wrapped, and so are ``torch.amp.GradScaler.scale`` (and FSDP's
-  ``ShardedGradScaler.scale``), which tags the scaled loss with the unscaled one, and
-  ``GradScaler.step``, which drops what a skipped step captured. The wrappers are installed
-  once however many optimizers capture, and the originals are put back when the last
-  capturing optimizer is closed (``opt.close()``) or garbage-collected. A wrapper that another
-  library has wrapped in turn is left in place, inert, rather than unwrapping theirs.
+- **What is patched.** While at least one capturing optimizer is alive,
+  ``torch.autograd.backward`` (which ``Tensor.backward``, ``accelerator.backward``, the HF
+  ``Trainer`` and Lightning all end in) is wrapped, and so are ``torch.amp.GradScaler.scale``
+  (and FSDP1's ``ShardedGradScaler.scale`` if it is imported first), which tags the scaled
+  loss with the unscaled one, and ``GradScaler.step``, which drops what a skipped step
+  captured. The wrappers are installed once however many optimizers capture, and the
+  originals are put back when the last capturing optimizer is closed (``opt.close()``) or
+  garbage-collected (an optimizer sits in reference cycles, so that waits for the cyclic GC;
+  ``close()`` ends it at once). A wrapper that another library has wrapped in turn is left in
+  place, inert, rather than unwrapping theirs.
 - **What is captured.** Each ``backward()`` of a one-element tensor without an explicit
   gradient (a loss), called outside the autograd engine (not the inner backward of reentrant
   activation checkpointing) and outside ``torch.compile`` tracing. The value is detached and
@@ -25,9 +27,12 @@ Contract (SPEC §1, source 4):
   accelerate's ``accelerator.backward``, the HF ``Trainer`` and Lightning divide each
   micro-batch loss by the number of micro-batches N (by the window's token count when the
   model takes ``num_items_in_batch``) before backward, so the sum is the mean micro-batch loss
-  of the step, exactly what explicit ``add_loss`` feeding senses, and it stays right when N
-  changes (a short last window). A loop that does not divide senses N times the mean; the
-  sensor is invariant to a constant loss scale, so only a changing N would matter there.
+  of the step, exactly what explicit ``add_loss`` feeding senses. The HF Trainer divides a
+  short last window by its real length k, so it stays exact; accelerate and Lightning divide it
+  by N as well, so there the capture senses k/N of that window's mean, as its gradient is
+  scaled (explicit feeding, e.g. ``EmoCallback``, is exact). A loop that does not divide
+  senses N times the mean; the sensor is invariant to a constant loss scale, so only a
+  changing N matters there.
 - **Who senses what.** Capture is process-wide (backward calls in any thread) and goes to
   every capturing optimizer. ``zero_grad()`` on an optimizer drops what it captured (those
   gradients are gone), so in the usual pattern ``opt_d.zero_grad(); d_loss.backward();

@@ -26,6 +26,7 @@ SMALL_LR = 0.1
 _FLAG = "warned_small_lr"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_OPTIM_DIR = os.path.join("torch", "optim")
+_ADAPTERS = ("emo_hf", "emo_lightning", "emo_diffusers")
 
 
 def warn_if_small_lr(optimizer: Any, lr: Any) -> None:
@@ -50,12 +51,20 @@ def warn_if_small_lr(optimizer: Any, lr: Any) -> None:
 
 
 def _user_stacklevel() -> int:
-    """The stacklevel of the first caller outside emo_core and torch.optim (user code)."""
+    """The stacklevel of the first caller outside the emo packages, torch.optim and generated
+    code (a dataclass ``__init__``): the user's line, e.g. ``EmoTrainingArguments(...)``."""
+    ours = [_PACKAGE_DIR] + [
+        os.path.dirname(os.path.abspath(module.__file__))
+        for module in map(sys.modules.get, _ADAPTERS)
+        if module is not None and getattr(module, "__file__", None)
+    ]
     frame = sys._getframe(1)  # warn_if_small_lr
     level = 1
     while frame is not None:
-        filename = os.path.abspath(frame.f_code.co_filename)
-        if not (filename.startswith(_PACKAGE_DIR) or _TORCH_OPTIM_DIR in filename):
+        raw = frame.f_code.co_filename
+        filename = os.path.abspath(raw)
+        internal = raw.startswith("<") or _TORCH_OPTIM_DIR in filename
+        if not (internal or any(filename.startswith(d + os.sep) for d in ours)):
             return level
         frame = frame.f_back
         level += 1

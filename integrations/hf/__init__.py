@@ -16,16 +16,25 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "emo_hf needs transformers and accelerate: pip install 'emo-optim[hf]'"
     ) from error
 
-from .arguments import EMO_OPTIM_NAMES, EmoTrainingArguments, canonical_optim_name, emo_optim_name
+from .arguments import (
+    EMO_OPTIM_NAMES,
+    EmoArgumentsMixin,
+    EmoTrainingArguments,
+    canonical_optim_name,
+    emo_arguments,
+    emo_optim_name,
+)
 from .optim_args import optimizer_keywords, parse_optim_args
 from .trainer import EmoTrainer, EmoTrainerMixin
 
 __all__ = [
     "EMO_OPTIM_NAMES",
+    "EmoArgumentsMixin",
     "EmoTrainer",
     "EmoTrainerMixin",
     "EmoTrainingArguments",
     "canonical_optim_name",
+    "emo_arguments",
     "emo_optim_name",
     "optimizer_keywords",
     "parse_optim_args",

@@ -23,7 +23,14 @@ from emo_core import OPTIMIZERS, get_optimizer
 
 from .optim_args import parse_optim_args
 
-__all__ = ["EMO_OPTIM_NAMES", "EmoTrainingArguments", "canonical_optim_name", "emo_optim_name"]
+__all__ = [
+    "EMO_OPTIM_NAMES",
+    "EmoArgumentsMixin",
+    "EmoTrainingArguments",
+    "canonical_optim_name",
+    "emo_arguments",
+    "emo_optim_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +63,14 @@ def emo_optim_name(args: Any) -> str | None:
 
 
 @dataclass
-class EmoTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the Emo optimizers (``optim="emosens"`` etc.).
+class EmoArgumentsMixin:
+    """Mix into any ``TrainingArguments`` subclass so that ``optim`` takes the Emo names.
 
-    Emo hyperparameters come from ``optim_args`` (``"use_shadow=True,betas=(0.9,0.99)"``),
-    checked against the optimizer's signature; ``weight_decay`` and the decay/no-decay
-    parameter groups work as for AdamW, and ``adam_*`` fields are ignored. Leave
-    ``learning_rate`` unset: emoPulse picks the LR, and the scheduler
-    (``lr_scheduler_type``, warmup) multiplies it. ``emo_stop_on_signal=True`` ends training
-    when the optimizer's early-stop signal rises (checked every ``logging_steps``).
+    ``class EmoSFTConfig(EmoArgumentsMixin, SFTConfig): pass`` (TRL), or
+    ``emo_arguments(SFTConfig)``. A subclass is made a dataclass on creation, so its own
+    fields and the mixin's (``optim`` choices, ``learning_rate`` default 1.0 for Emo names,
+    ``emo_stop_on_signal``) reach ``__init__`` and ``HfArgumentParser`` without a decorator.
+    See ``EmoTrainingArguments`` for the behaviour.
     """
 
     learning_rate: float | None = field(
@@ -90,6 +96,11 @@ class EmoTrainingArguments(TrainingArguments):
         },
     )
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if issubclass(cls, TrainingArguments) and "__dataclass_fields__" not in cls.__dict__:
+            dataclass(cls)  # in place; an explicit @dataclass afterwards redoes it harmlessly
+
     def __post_init__(self) -> None:
         name = canonical_optim_name(self.optim)
         emo = name in OPTIMIZERS
@@ -110,7 +121,7 @@ class EmoTrainingArguments(TrainingArguments):
         name: str | OptimizerNames = "adamw_torch",
         learning_rate: float | None = None,
         **kwargs: Any,
-    ) -> EmoTrainingArguments:
+    ) -> EmoArgumentsMixin:
         """Like ``TrainingArguments.set_optimizer``, also for Emo names (lr default 1.0)."""
         canonical = canonical_optim_name(name)
         emo = canonical in OPTIMIZERS
@@ -122,17 +133,30 @@ class EmoTrainingArguments(TrainingArguments):
             self._check_emo_arguments(canonical)
         return self
 
+    @classmethod
+    def _native_default_lr(cls) -> float:
+        """The base class's own ``learning_rate`` default (TRL's SFTConfig: 2e-5)."""
+        mro = cls.__mro__
+        for klass in mro[mro.index(EmoArgumentsMixin) + 1 :]:
+            declared = klass.__dict__.get("__dataclass_fields__", {}).get("learning_rate")
+            if declared is not None and isinstance(declared.default, float):
+                return declared.default
+        return _NATIVE_DEFAULT_LR
+
     def _check_emo_arguments(self, name: str) -> None:
         """Fail now, not at the first step: build the optimizer once on a dummy parameter."""
         optimizer_cls = get_optimizer(name)
         kwargs = parse_optim_args(self.optim_args, optimizer_cls)
         dummy = [torch.nn.Parameter(torch.zeros(1))]
-        optimizer_cls(dummy, lr=self.learning_rate, weight_decay=self.weight_decay, **kwargs)
+        probe = optimizer_cls(
+            dummy, lr=self.learning_rate, weight_decay=self.weight_decay, **kwargs
+        )
+        probe.close()  # capture_loss=True: do not keep the backward patch for a probe
 
-    @staticmethod
-    def _resolve_learning_rate(learning_rate: float | None, name: str) -> float:
+    @classmethod
+    def _resolve_learning_rate(cls, learning_rate: float | None, name: str) -> float:
         if name not in OPTIMIZERS:
-            return _NATIVE_DEFAULT_LR if learning_rate is None else learning_rate
+            return cls._native_default_lr() if learning_rate is None else learning_rate
         if learning_rate is None:
             logger.info(
                 "optim=%s: learning_rate not set, using %s. emoPulse sets the learning rate "
@@ -151,3 +175,48 @@ class EmoTrainingArguments(TrainingArguments):
                 learning_rate,
             )
         return learning_rate
+
+
+class EmoTrainingArguments(EmoArgumentsMixin, TrainingArguments):
+    """``TrainingArguments`` plus the Emo optimizers (``optim="emosens"`` etc.).
+
+    Emo hyperparameters come from ``optim_args`` (``"use_shadow=True,betas=(0.9,0.99)"``),
+    checked against the optimizer's signature; ``weight_decay`` and the decay/no-decay
+    parameter groups work as for AdamW, and ``adam_*`` fields are ignored. Leave
+    ``learning_rate`` unset: emoPulse picks the LR, and the scheduler
+    (``lr_scheduler_type``, warmup) multiplies it. ``emo_stop_on_signal=True`` ends training
+    when the optimizer's early-stop signal rises (checked every ``logging_steps``).
+    """
+
+
+_EMO_ARGUMENTS: dict[type, type] = {TrainingArguments: EmoTrainingArguments}
+
+
+def emo_arguments(base: type[TrainingArguments]) -> type[TrainingArguments]:
+    """``base`` (any ``TrainingArguments`` subclass, e.g. TRL's ``SFTConfig``) whose ``optim``
+    also accepts ``emosens``/``emoairy``/``emocats``; one class per base, named ``Emo<base>``."""
+    if not (isinstance(base, type) and issubclass(base, TrainingArguments)):
+        raise TypeError(f"Invalid base: {base!r} (expected a TrainingArguments subclass)")
+    if issubclass(base, EmoArgumentsMixin):
+        return base
+    made = _EMO_ARGUMENTS.get(base)
+    if made is None:
+        namespace = {
+            "__module__": base.__module__,
+            "__qualname__": f"Emo{base.__qualname__}",
+            # Not an attribute of any module, so pickled (the Trainer saves training_args.bin)
+            # as "emo_arguments(base) with this state".
+            "__reduce__": lambda self: (_restore, (base, self.__dict__.copy())),
+        }
+        made = _EMO_ARGUMENTS[base] = type(
+            f"Emo{base.__name__}", (EmoArgumentsMixin, base), namespace
+        )
+    return made
+
+
+def _restore(base: type[TrainingArguments], state: dict[str, Any]) -> TrainingArguments:
+    """Unpickle an ``emo_arguments(base)`` instance."""
+    cls = emo_arguments(base)
+    restored = cls.__new__(cls)
+    restored.__dict__.update(state)
+    return restored

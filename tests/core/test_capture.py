@@ -350,3 +350,11 @@ def test_lr_near_one_a_frozen_group_or_a_tensor_lr_do_not_warn() -> None:
             ],
             lr=0.5,
         )
+
+
+def test_the_no_loss_warning_points_to_capture_loss() -> None:
+    p = nn.Parameter(torch.zeros(2))
+    opt = EmoSens([p])
+    p.grad = torch.ones(2)
+    with pytest.warns(UserWarning, match="received no loss.*capture_loss=True"):
+        opt.step()

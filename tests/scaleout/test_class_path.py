@@ -103,3 +103,34 @@ def test_sd_scripts_param_groups_scale_the_pulse() -> None:
     opt.step(loss=1.0)
     unet_lr, text_encoder_lr = opt.get_effective_lr()
     assert text_encoder_lr == pytest.approx(0.5 * unet_lr)
+
+
+@pytest.mark.parametrize("literal_eval", [True, False], ids=["sd-scripts", "raw-strings"])
+def test_capture_loss_from_optimizer_args_senses_an_unchanged_loop(literal_eval: bool) -> None:
+    """``--optimizer_args capture_loss=True``: a script that never passes the loss trains."""
+    kwargs = parse_args(["capture_loss=True"], literal_eval=literal_eval)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = load_class("emo_core.EmoSens")(model.parameters(), lr=1.0, **kwargs)
+    x = torch.randn(8, 4)
+    losses = []
+    for _ in range(3):  # the loop of a script written for AdamW
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    telemetry = opt.telemetry()
+    assert telemetry["sensed_steps"] == 3
+    assert telemetry["ema_short"] == pytest.approx(
+        0.3 * losses[2] + 0.7 * (0.3 * losses[1] + 0.7 * losses[0])
+    )
+    opt.close()
+    assert not emo_core.capture.capture_installed()
+
+
+def test_the_script_default_learning_rate_warns_with_the_fix() -> None:
+    """``--learning_rate 1e-4`` (every script's default) would silently learn nothing."""
+    with pytest.warns(UserWarning, match=r"--learning_rate 1.0") as caught:
+        load_class("emo_core.EmoCats")(_params(), lr=1e-4)
+    assert caught[0].filename == __file__
