@@ -99,40 +99,35 @@ def test_launcher_runs_script_offline_with_its_argv_and_traces_lr(tmp_path: Path
 
 
 def test_launcher_trace_shows_capture_feeding_an_unmodified_loop(tmp_path: Path) -> None:
-    """A loop that never passes the loss to step(): with capture_loss=True the trace shows
-    every step's loss reaching the optimizer; without it, none does."""
+    """A loop that never passes the loss to step(): without capture the trace shows no loss
+    reaching the optimizer; with capture_loss=True, every step's."""
     script = tmp_path / "train.py"
     script.write_text(
-        "import sys, torch, emo_core\n"
+        "import torch, emo_core\n"
         "torch.manual_seed(0)\n"
-        "model = torch.nn.Linear(4, 1)\n"
-        "opt = emo_core.EmoSens(model.parameters(), capture_loss=sys.argv[1] == 'capture')\n"
         "x, y = torch.randn(16, 4), torch.randn(16, 1)\n"
-        "for _ in range(4):\n"
-        "    torch.nn.functional.mse_loss(model(x), y).backward(); opt.step(); opt.zero_grad()\n"
+        "for capture in (False, True):\n"
+        "    model = torch.nn.Linear(4, 1)\n"
+        "    opt = emo_core.EmoSens(model.parameters(), capture_loss=capture)\n"
+        "    for _ in range(4):\n"
+        "        torch.nn.functional.mse_loss(model(x), y).backward()\n"
+        "        opt.step()\n"
+        "        opt.zero_grad()\n"
+        "    opt.close()\n"
     )
-    sensed = {}
-    for mode in ("capture", "plain"):
-        trace = tmp_path / f"{mode}.jsonl"
-        done = subprocess.run(
-            [
-                sys.executable,
-                str(RECIPES / "run_offline.py"),
-                "--trace",
-                str(trace),
-                str(script),
-                mode,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        steps = [json.loads(line) for line in trace.read_text().splitlines()]
-        assert all(s["optimizer"] == "EmoSens" and len(s["emo_lr"]) == 1 for s in steps)
-        sensed[mode] = [s["sensed_steps"] for s in steps]
-    assert sensed == {"capture": [1, 2, 3, 4], "plain": [0, 0, 0, 0]}
+    trace = tmp_path / "trace.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(RECIPES / "run_offline.py"), "--trace", str(trace), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "received no loss" in done.stderr  # the uncaptured run warns
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert all(s["optimizer"] == "EmoSens" and len(s["emo_lr"]) == 1 for s in steps)
+    assert [s["sensed_steps"] for s in steps] == [0, 0, 0, 0, 1, 2, 3, 4]
 
 
 def test_launcher_rejects_a_missing_script(tmp_path: Path) -> None:
