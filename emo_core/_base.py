@@ -360,6 +360,7 @@ class EmoOptimizer(Optimizer):
             return None if closure_value is None else self._as_loss(closure_value, "closure()")
         return None
 
+    @torch._disable_dynamo  # as torch's own zero_grad (no graph break inside emo_core)
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Like ``torch.optim``; also drops the losses captured for the zeroed gradients."""
         super().zero_grad(set_to_none)

@@ -314,6 +314,25 @@ def test_capture_and_step_make_no_host_reads() -> None:
     opt.close()
 
 
+@pytest.mark.gpu
+def test_cuda_capture_and_step_do_not_synchronize() -> None:
+    model, batches = regression()
+    model = model.cuda()
+    opt = EmoSens(model.parameters(), capture_loss=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=8.0)
+    for x, y in batches[:3]:
+        loss = nn.functional.mse_loss(model(x.cuda()), y.cuda())
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.scale(loss / 2).backward()
+            opt.step()
+            opt.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert opt.telemetry()["sensed_steps"] == 3
+    opt.close()
+
+
 # ------------------------------------------------------------------ 1e-4 guard
 def test_small_lr_warns_once_at_the_caller_with_the_effective_lr_and_the_fix() -> None:
     model = nn.Linear(2, 1)
