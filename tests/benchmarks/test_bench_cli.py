@@ -93,6 +93,9 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
     assert "| **EmoSens** |" in markdown and "(tuned" in markdown
     assert markdown.index("## Summary") < markdown.index("## Digits MLP")
     assert "quality_lr.png" in markdown
+    assert [s["optimizer"] for s in doc["spike"]] == emo  # the spike probe, Emo rows only
+    assert all(s["lr_before"] > 0 and s["lr_recovered"] > 0 for s in doc["spike"])
+    assert "## Loss spike" in markdown
     assert json.loads(Path(doc["files"]["json"]).read_text()) == doc
 
 
