@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from emo_bench import cli
+from emo_bench.contenders import emo_contenders
 
 
 def _run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
@@ -36,7 +37,7 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
         ],
     )
     assert doc["command"] == "quality"
-    assert {"command", "quick", "seeds", "steps", "adamw_sweep", "device", "wall_s"} <= set(
+    assert {"command", "quick", "seeds", "steps", "adamw_sweep", "device", "jobs", "wall_s"} <= set(
         doc["settings"]
     )
     assert doc["settings"]["steps"] == {"quadratic": 5, "digits": 5}
@@ -52,7 +53,8 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
         "load_avg",
     } <= set(doc["machine"])
     names = {(r["workload"], r["optimizer"]) for r in doc["results"]}
-    assert len(names) == 2 * 6  # EmoSens, 4 AdamW lrs, Schedule-Free
+    emo = [c.name for c in emo_contenders() if c.name.startswith("EmoSens")]
+    assert len(names) == 2 * (len(emo) + 6 + 1)  # EmoSens [+ pulse=v37], 6 AdamW lrs, SF
     fields = {
         "workload",
         "optimizer",
@@ -70,15 +72,30 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
         "lr_max",
         "gap_to_tuned_adamw_pct",
         "role",
+        "lr_median",
     }
     for r in doc["results"]:
         assert set(r) == fields
         assert len(r["values"]) == 2
-    for key in ("markdown", "plot", "json"):
+    for key in ("markdown", "plot", "lr_plot", "json"):
         assert Path(doc["files"][key]).is_file()
-    assert Path(doc["files"]["plot"]).stat().st_size < 300_000
+    for key in ("plot", "lr_plot"):
+        assert 10_000 < Path(doc["files"][key]).stat().st_size < 300_000
+    summary = {s["optimizer"]: s for s in doc["summary"]}
+    assert {"EmoSens", "Schedule-Free AdamW", "AdamW tuned per workload"} <= set(summary)
+    fields = {"optimizer", "family", "role", "within_2pct", "workloads", "geomean_ratio"}
+    assert all(fields | {"divergences", "gaps", "lr"} == set(s) for s in doc["summary"])
+    assert summary["AdamW tuned per workload"]["geomean_ratio"] == 1.0
+    assert doc["best_single_adamw_lr"] in doc["settings"]["adamw_sweep"]
+    assert set(doc["tuned_adamw_lr"]) == {"quadratic", "digits"}
+    assert [step for step, _ in doc["lr_traces"]["digits"]["EmoSens"]][-1] == 5
     markdown = Path(doc["files"]["markdown"]).read_text()
     assert "| **EmoSens** |" in markdown and "(tuned" in markdown
+    assert markdown.index("## Summary") < markdown.index("## Digits MLP")
+    assert "quality_lr.png" in markdown
+    assert [s["optimizer"] for s in doc["spike"]] == emo  # the spike probe, Emo rows only
+    assert all(s["lr_before"] > 0 and s["lr_recovered"] > 0 for s in doc["spike"])
+    assert "## Loss spike" in markdown
     assert json.loads(Path(doc["files"]["json"]).read_text()) == doc
 
 
@@ -165,3 +182,33 @@ def test_an_exact_optimizer_name_picks_one_entry_and_a_prefix_picks_all() -> Non
     assert cli._pick(["emocats"], names, "--optimizers") == ["EmoCats"]
     assert cli._pick(["emocats-compile"], names, "--optimizers") == ["EmoCats compile_update"]
     assert cli._pick(["adamw"], names, "--optimizers") == ["AdamW fused", "AdamW foreach"]
+
+
+def test_compare_scores_a_factory_against_a_stored_tuned_adamw(tmp_path: Path, capsys) -> None:
+    """The one-liner for trying a new optimizer: gaps against the numbers a run stored."""
+    import torch
+
+    from emo_bench.quality import compare, run_one
+    from emo_bench.workloads import WORKLOADS
+
+    doc = _run_json(
+        capsys,
+        ["quality", "--steps", "6", "--seeds", "0", "--workloads", "quadratic,digits"]
+        + ["--optimizers", "adamw", "--out", str(tmp_path), "--json", "--no-progress"],
+    )
+    path = tmp_path / "quality.json"
+    tuned = next(r for r in doc["results"] if r["workload"] == "quadratic" and r["role"] == "tuned")
+
+    def sgd(ps):
+        return torch.optim.SGD(ps, lr=0.05)
+
+    result = compare(sgd, name="SGD", workloads=["quadratic"], seeds=[0], reference=path)
+    mine = run_one(WORKLOADS["quadratic"], sgd, 0, steps=6).metric  # the stored steps
+    expected = 100 * (mine - tuned["mean"]) / tuned["mean"]
+    row = result.rows[0]
+    assert row.optimizer == "SGD"
+    assert row.gaps["quadratic"] == pytest.approx(expected)
+    assert row.geomean_ratio == pytest.approx(1 + expected / 100)
+    assert "| SGD | " in str(result) and str(path) in str(result)
+    with pytest.raises(ValueError, match="no stored tuned AdamW for conv"):
+        compare(sgd, workloads=["conv"], seeds=[0], reference=path)
