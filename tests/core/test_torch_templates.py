@@ -245,7 +245,7 @@ PARAM_GROUP_ERRORS = [
         "more than one",
     ),
     ("empty-list", lambda m: [], "empty parameter list"),
-    ("not-a-dict", lambda m: [{"params": [m.lin.weight]}, 3], ""),
+    ("not-a-dict", lambda m: [{"params": [m.lin.weight]}, 3], "expected a dict"),
 ]
 
 
