@@ -7,8 +7,9 @@ One optimizer step, in order (SPEC §1-5):
 3. check every gradient (sparse -> error) before anything changes;
 4. one device flag for "loss and all gradients finite", folded into the loss so that the
    optional cross-rank mean (one 0-dim all-reduce) makes all ranks agree;
-5. advance the loss sensor once (``pulse.pulse_update``) -> emoPulse;
-6. per group ``lr_g = pulse * group["lr"] / group["scope"]``, shadow, then the subclass's
+5. advance the loss sensor once (``pulse.pulse_update``) and the chosen controller
+   (``pulse="distance"``: ``distance.distance_update``; ``"v37"``: the sensor's pulse);
+6. per group ``lr_g = pulse * group["lr"]``, shadow, then the subclass's
    update rule, bucketed by device and dtype, computed in the state dtype (fp32 for half
    parameters) and written back with optional stochastic rounding.
 
@@ -28,7 +29,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._validation import as_bool, as_float_dtype, as_int, check_range, loss_to_tensor
-from .distributed import all_reduce_loss_, local_shard
+from .distance import D0, distance_update, gather_sample, init_distance_state, plan_sample
+from .distributed import all_reduce_loss_, local_shard, world_size
 from .precision import LOW_PRECISION, copy_stochastic_, default_state_dtype
 from .pulse import init_sensor_state, pulse_update
 
@@ -66,6 +68,12 @@ DEFAULT_ROUNDING_SEED = 0x5EED
 COMPILE_CHUNK = 32
 SENSOR_STATE_KEY = "emo_pulse"
 META_STATE_KEY = "emo_meta"
+DISTANCE_STATE_KEY = "emo_distance"
+PULSES = ("distance", "v37")
+"""``pulse=`` values: the distance-to-init controller (``distance.md``) or upstream's v3.7
+pulse (SPEC §2)."""
+DEFAULT_PULSE = "v37"
+_DEFAULT_LR_RANGE = {"distance": (1e-8, 1.0), "v37": (1e-6, 1e-3)}
 
 _NO_LOSS_WARNING = (
     "{name}.step() received no loss, so emoPulse cannot adapt and the previous learning rate "
@@ -178,6 +186,7 @@ def compiled(kernel: Callable[..., None]) -> Callable[..., None]:
 COMMON_OPTIONS = (
     "lr",
     "weight_decay",
+    "pulse",
     "use_shadow",
     "min_lr",
     "max_lr",
@@ -212,9 +221,10 @@ class EmoOptimizer(Optimizer):
         *,
         lr: float,
         weight_decay: float,
+        pulse: str,
         use_shadow: bool,
-        min_lr: float,
-        max_lr: float,
+        min_lr: float | None,
+        max_lr: float | None,
         sync_loss: bool,
         process_group: object | None,
         state_dtype: torch.dtype | None,
@@ -225,6 +235,12 @@ class EmoOptimizer(Optimizer):
         log_every: int,
     ) -> None:
         lr = check_range("lr", lr, 0.0, low_inclusive=False)
+        if pulse not in PULSES:
+            raise ValueError(f"Invalid pulse: {pulse!r} (expected one of {', '.join(PULSES)})")
+        self.pulse = pulse
+        low, high = _DEFAULT_LR_RANGE[pulse]
+        min_lr = low if min_lr is None else min_lr
+        max_lr = high if max_lr is None else max_lr
         self.min_lr = check_range("min_lr", min_lr, 0.0, low_inclusive=False)
         self.max_lr = check_range("max_lr", max_lr, 0.0, low_inclusive=False)
         if self.min_lr > self.max_lr:
@@ -250,7 +266,6 @@ class EmoOptimizer(Optimizer):
             raise ValueError(f"Invalid log_every: {log_every!r} (expected log_every >= 1)")
         defaults = {
             "lr": lr,
-            "scope": lr,
             "weight_decay": weight_decay,
             "use_shadow": as_bool("use_shadow", use_shadow),
             **defaults,
@@ -260,9 +275,10 @@ class EmoOptimizer(Optimizer):
         # wrapper would be invisible to the optimizer.
         self._pending: dict[str, Any] = {"sum": None, "count": 0}
         self._flags: dict[str, bool] = {"warned_no_loss": False}
+        self._plan: dict[str, Any] = {"plan": None, "layout": None}
         super().__init__(params, defaults)
         device = self._sensor_device()
-        self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self.max_lr)
+        self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self._first_lr())
         self.state[META_STATE_KEY] = {
             "steps": _step_count(0),
             # Stochastic rounding draws from (seed + step): one fixed seed, so every rank
@@ -277,7 +293,6 @@ class EmoOptimizer(Optimizer):
         group["lr"] = (
             group["lr"] if isinstance(group["lr"], Tensor) else check_range("lr", group["lr"], 0.0)
         )
-        group["scope"] = check_range("scope", group["scope"], 0.0, low_inclusive=False)
         group["weight_decay"] = check_range("weight_decay", group["weight_decay"], 0.0)
         group["use_shadow"] = as_bool("use_shadow", group["use_shadow"])
 
@@ -301,8 +316,9 @@ class EmoOptimizer(Optimizer):
         self.__dict__.setdefault("_pending", {"sum": None, "count": 0})
         self.__dict__.setdefault("_flags", {"warned_no_loss": False})
         self.__dict__.setdefault("compile_update", False)
+        self.__dict__.setdefault("pulse", "v37")
+        self.__dict__.setdefault("_plan", {"plan": None, "layout": None})
         for group in self.param_groups:
-            group.setdefault("scope", group["lr"])
             group.setdefault("use_shadow", False)
 
     # ------------------------------------------------------------------ loss intake
@@ -373,17 +389,15 @@ class EmoOptimizer(Optimizer):
         else:
             if valid is not None:  # fold the gradient flag into the loss: nan if not finite
                 loss_t = torch.where(valid, loss_t, float("nan"))
+            sample = self._distance_sample() if self.pulse == "distance" else None
             if self.sync_loss:
-                all_reduce_loss_(loss_t, self.process_group)
+                loss_t, sample = _all_reduce(loss_t, sample, self.process_group)
             valid = torch.isfinite(loss_t)
-            self.state[SENSOR_STATE_KEY] = pulse_update(
-                sensor,
-                loss_t,
-                valid,
-                scope=self.defaults["scope"],
-                min_lr=self.min_lr,
-                max_lr=self.max_lr,
+            sensor = self.state[SENSOR_STATE_KEY] = pulse_update(
+                sensor, loss_t, valid, scope=1.0, min_lr=self.min_lr, max_lr=self.max_lr
             )
+            if sample is not None:
+                self._advance_distance(sample, valid)
         self._refresh_effective_lr()
         if valid is None:
             valid = torch.ones((), dtype=torch.bool, device=sensor["ema_long"].device)
@@ -461,9 +475,51 @@ class EmoOptimizer(Optimizer):
             warnings.warn(_NO_LOSS_WARNING.format(name=type(self).__name__), stacklevel=3)
 
     def _refresh_effective_lr(self) -> None:
+        """``group["emo_lr"] = pulse * group["lr"]``: ``lr`` is a plain multiplier."""
         pulse = self._sensor["pulse"]
         for group in self.param_groups:
-            group["emo_lr"] = (pulse * (group["lr"] / group["scope"])).to(torch.float32)
+            group["emo_lr"] = (pulse * group["lr"]).to(torch.float32)
+
+    def _first_lr(self) -> float:
+        """The LR before the first loss: ``max_lr`` (v3.7) or the controller's start."""
+        return self.max_lr if self.pulse == "v37" else max(self.min_lr, min(D0, self.max_lr))
+
+    # ----------------------------------------------------- distance controller
+    def _distance_plan(self) -> Any:
+        """The sample plan for the current layout (built on first use, rebuilt if groups
+        are added); the controller's sample restarts when the layout changes."""
+        layout = tuple(len(group["params"]) for group in self.param_groups)
+        cache = self._plan
+        if cache["layout"] != layout:
+            sensor = self._sensor["ema_long"]
+            world = world_size(self.process_group) if self.sync_loss else 1
+            cache["plan"] = plan_sample(self.param_groups, sensor.device, sensor.dtype, world)
+            cache["layout"] = layout
+            state = self.state.get(DISTANCE_STATE_KEY)
+            if state is None or state["x0"].numel() != cache["plan"].size:
+                fresh = init_distance_state(cache["plan"].size, sensor.device, sensor.dtype)
+                if state is not None:  # keep the scale found so far, restart the sample
+                    fresh["d"] = state["d"]
+                self.state[DISTANCE_STATE_KEY] = fresh
+        return cache["plan"]
+
+    def _distance_sample(self) -> tuple[Tensor, Tensor]:
+        sensor = self._sensor["ema_long"]
+        return gather_sample(self._distance_plan(), self.param_groups, sensor.device, sensor.dtype)
+
+    def _advance_distance(self, sample: tuple[Tensor, Tensor], valid: Tensor) -> None:
+        sensor = self._sensor
+        state, lr = distance_update(
+            self.state[DISTANCE_STATE_KEY],
+            *sample,
+            self._plan["plan"].weights,
+            sensor["scalar"],
+            valid,
+            min_lr=self.min_lr,
+            max_lr=self.max_lr,
+        )
+        self.state[DISTANCE_STATE_KEY] = state
+        sensor["pulse"] = torch.where(valid, lr, sensor["pulse"])
 
     # ------------------------------------------------------------------- per group
     def _step_group(
@@ -643,28 +699,52 @@ class EmoOptimizer(Optimizer):
                     self.state[p][key] = value.detach().to(device=p.device, copy=True)
         device = self._sensor_device()
         sensor = incoming.get(SENSOR_STATE_KEY)
-        if sensor is None:
-            self.state[SENSOR_STATE_KEY] = init_sensor_state(device, self.max_lr)
-        else:
-            fresh = init_sensor_state(device, self.max_lr)
-            self.state[SENSOR_STATE_KEY] = {
-                key: sensor.get(key, fresh[key])
-                .detach()
-                .to(
-                    device=device,
-                    dtype=fresh[key].dtype if fresh[key].is_floating_point() else None,
-                    copy=True,
-                )
-                if key in sensor
-                else fresh[key]
-                for key in fresh
-            }
+        fresh = init_sensor_state(device, self._first_lr())
+        self.state[SENSOR_STATE_KEY] = _restore(sensor, fresh)
+        distance = incoming.get(DISTANCE_STATE_KEY)
+        self.state.pop(DISTANCE_STATE_KEY, None)
+        self._plan.update(plan=None, layout=None)
+        if distance is not None:
+            size = distance["x0"].numel()
+            self.state[DISTANCE_STATE_KEY] = _restore(
+                distance, init_distance_state(size, device, fresh["ema_long"].dtype)
+            )
         meta = dict(incoming.get(META_STATE_KEY) or {"seed": 0})
         meta["steps"] = _step_count(meta.get("steps", 0))  # also reads int counts
         self.state[META_STATE_KEY] = meta
-        for group in self.param_groups:
-            group.setdefault("scope", group["lr"])
         self._refresh_effective_lr()
+
+
+def _restore(saved: dict[str, Any] | None, fresh: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Saved 0-dim/sample state onto ``fresh``'s device and dtypes; missing keys fresh."""
+    if saved is None:
+        return fresh
+    return {
+        key: saved[key]
+        .detach()
+        .to(
+            device=fresh[key].device,
+            dtype=fresh[key].dtype if fresh[key].is_floating_point() else None,
+            copy=True,
+        )
+        if key in saved
+        else fresh[key]
+        for key in fresh
+    }
+
+
+def _all_reduce(
+    loss: Tensor, sample: tuple[Tensor, Tensor] | None, process_group: object | None
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """The loss's cross-rank mean and the sample's cross-rank sum, in one collective."""
+    if sample is None or world_size(process_group) == 1:
+        return all_reduce_loss_(loss, process_group), sample
+    x, g = sample
+    size = world_size(process_group)
+    stacked = torch.cat([loss.reshape(1), x, g])
+    all_reduce_loss_(stacked, process_group)  # the mean; the sample was scaled to sum
+    n = x.numel()
+    return stacked[0], (stacked[1 : 1 + n] * size, stacked[1 + n :] * size)
 
 
 def _amp_check_pays(device: torch.device, dtype: torch.dtype, grads: list[Tensor]) -> bool:

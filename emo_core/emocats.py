@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import CPU_BLOCK, Bucket, EmoOptimizer, common_options, compiled
+from ._base import CPU_BLOCK, DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import check_betas
 
 __all__ = ["EmoCats", "emocats"]
@@ -42,9 +42,10 @@ class EmoCats(EmoOptimizer):
         betas: tuple[float, float] = (0.9, 0.995),
         weight_decay: float = 0.01,
         *,
+        pulse: str = DEFAULT_PULSE,
         use_shadow: bool = False,
-        min_lr: float = 1e-6,
-        max_lr: float = 1e-3,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
         sync_loss: bool = True,
         process_group: object | None = None,
         state_dtype: torch.dtype | None = None,

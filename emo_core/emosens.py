@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer, common_options, compiled
+from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
 
 __all__ = ["EmoSens", "emosens"]
@@ -68,9 +68,10 @@ class EmoSens(EmoOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         *,
+        pulse: str = DEFAULT_PULSE,
         use_shadow: bool = False,
-        min_lr: float = 1e-6,
-        max_lr: float = 1e-3,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
         sync_loss: bool = True,
         process_group: object | None = None,
         state_dtype: torch.dtype | None = None,
