@@ -210,9 +210,15 @@ def common_options(arguments: dict[str, Any]) -> dict[str, Any]:
 class EmoOptimizer(Optimizer):
     """Base class of EmoSens, EmoAiry and EmoCats; see the module docstring for one step.
 
+    ``unit_direction``: the subclass's update has unit size per coordinate whatever the
+    gradient noise (sign, RMS-normalised); the distance controller then scales it like an
+    Adam direction (``distance.md``).
+
     Subclasses add their hyperparameter checks (``_check_group``), lazy per-parameter state
     (``_init_state``), the kernel choice (``_pick_impl``) and the update rule (``_update``).
     """
+
+    unit_direction = False
 
     def __init__(
         self,
@@ -517,6 +523,7 @@ class EmoOptimizer(Optimizer):
             valid,
             min_lr=self.min_lr,
             max_lr=self.max_lr,
+            unit_direction=self.unit_direction,
         )
         self.state[DISTANCE_STATE_KEY] = state
         sensor["pulse"] = torch.where(valid, lr, sensor["pulse"])

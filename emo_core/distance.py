@@ -26,6 +26,7 @@ from .distributed import local_shard
 
 __all__ = [
     "BETA3",
+    "adam_rms",
     "D0",
     "SAMPLE_SIZE",
     "SAMPLE_TENSORS",
@@ -48,6 +49,8 @@ BETA3 = 0.9975
 """EMA factor of the numerator and of ``s`` (√0.995: a ~400-step memory)."""
 GROWTH = math.inf
 """Largest factor by which ``d`` may grow in one step."""
+ADAM_BETA1, ADAM_BETA2 = 0.9, 0.995
+"""EmoSens's default betas, for the reference direction of sign/normalised updates."""
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,22 @@ def init_distance_state(size: int, device: torch.device, dtype: torch.dtype) -> 
         "started": torch.zeros((), dtype=torch.bool, device=device),
         "x0": torch.zeros(size, dtype=dtype, device=device),
         "s": torch.zeros(size, dtype=dtype, device=device),
+        "m": torch.zeros(size, dtype=dtype, device=device),
+        "v": torch.zeros(size, dtype=dtype, device=device),
+        "k": torch.zeros((), dtype=dtype, device=device),
     }
+
+
+def adam_rms(m: Tensor, v: Tensor, k: Tensor, weights: Tensor) -> Tensor:
+    """Weighted RMS over the sample of the bias-corrected Adam direction ``m̂/√v̂`` (≤ ~1;
+    1 while the gradient is consistent, ~√((1−β1)/(1+β1)) ≈ 0.23 in pure noise)."""
+    k = torch.clamp(k, min=1.0)
+    m_hat = m / (1 - ADAM_BETA1**k)
+    v_hat = v / (1 - ADAM_BETA2**k)
+    tiny = torch.finfo(m.dtype).tiny
+    u2 = torch.where(v_hat > 0, m_hat * m_hat / torch.clamp(v_hat, min=tiny), 0.0)
+    total = torch.clamp(weights.sum(), min=tiny)
+    return torch.sqrt(torch.clamp(torch.sum(weights * u2) / total, max=1.0))
 
 
 def brake(sigma: Tensor) -> Tensor:
@@ -230,6 +248,7 @@ def distance_update(
     *,
     min_lr: float,
     max_lr: float,
+    unit_direction: bool,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Advance the controller one step; returns the new state and the base LR.
 
@@ -240,6 +259,10 @@ def distance_update(
         sigma: the loss sensor's emotion scalar of this step.
         valid: where False (skipped step) the state is returned unchanged.
         min_lr, max_lr: clamp of the base LR.
+        unit_direction: the update direction has unit size per coordinate whatever the
+            gradient noise (sign, RMS-normalised): the LR is ``d·ρ`` with ``ρ`` the RMS of
+            the Adam direction ``m̂/√v̂`` on the sample, so the step moves a coordinate as
+            far as EmoSens's would at the same ``d``. Adam-type (False): ``ρ = 1``.
     """
     x0 = torch.where(state["started"], state["x0"], x)
     d = state["d"]
@@ -250,13 +273,22 @@ def distance_update(
     tiny = torch.finfo(den.dtype).tiny
     d_hat = torch.where(den > 0, num / torch.clamp(den, min=tiny), torch.zeros_like(num))
     d_new = torch.clamp(torch.maximum(d, torch.minimum(d_hat, GROWTH * d)), max=max_lr)
+    k = state["k"] + 1
+    m = ADAM_BETA1 * state["m"] + (1 - ADAM_BETA1) * g
+    v = ADAM_BETA2 * state["v"] + (1 - ADAM_BETA2) * g * g
     new = {
         "d": d_new,
         "num": num,
         "started": torch.ones_like(state["started"]),
         "x0": x0,
         "s": s,
+        "m": m,
+        "v": v,
+        "k": k,
     }
     out = {key: torch.where(valid, value, state[key]) for key, value in new.items()}
-    lr = torch.clamp(out["d"] * brake(sigma), min=min_lr, max=max_lr)
+    scale = out["d"]
+    if unit_direction:
+        scale = scale * adam_rms(out["m"], out["v"], out["k"], weights)
+    lr = torch.clamp(scale * brake(sigma), min=min_lr, max=max_lr)
     return out, lr

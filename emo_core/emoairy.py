@@ -41,6 +41,8 @@ class EmoAiry(EmoOptimizer):
             ``log_every``).
     """
 
+    unit_direction = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],

@@ -35,6 +35,8 @@ class EmoCats(EmoOptimizer):
             ``log_every``).
     """
 
+    unit_direction = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
