@@ -519,7 +519,7 @@ class EmoOptimizer(Optimizer):
             self.state[DISTANCE_STATE_KEY],
             *sample,
             self._plan["plan"].weights,
-            sensor["scalar"],
+            sensor,
             valid,
             min_lr=self.min_lr,
             max_lr=self.max_lr,

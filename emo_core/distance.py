@@ -51,6 +51,7 @@ GROWTH = math.inf
 """Largest factor by which ``d`` may grow in one step."""
 ADAM_BETA1, ADAM_BETA2 = 0.9, 0.995
 """EmoSens's default betas, for the reference direction of sign/normalised updates."""
+RHO_POWER = 1.0
 
 
 @dataclass(frozen=True)
@@ -229,13 +230,21 @@ def adam_rms(m: Tensor, v: Tensor, k: Tensor, weights: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(torch.sum(weights * u2) / total, max=1.0))
 
 
-def brake(sigma: Tensor) -> Tensor:
-    """The loss sensor's brake: ``1 − |σ|`` while the loss rises (σ < 0), else 1.
+def brake(sensor: dict[str, Tensor]) -> Tensor:
+    """The loss sensor's brake, in (0, 1]: ``1 − |σ|`` for the more negative of
 
-    A one-step 10x spike gives σ ≈ −0.98 (the LR drops ~50x on that step) and the brake
-    fades as the short EMA forgets the spike (~10 steps); a falling loss is never braked.
+    * the emotion scalar σ (short EMA against the long one: a rise over ~100 steps), and
+    * ``σ_f = tanh((ema_medium − ema_short) / |ema_medium|)`` (short against medium: a rise
+      over ~20 steps, which a long fall earlier in training cannot mask),
+
+    and 1 while both say the loss falls. A one-step 10x spike on a settled loss gives σ_f ≈ −0.91
+    (the LR drops ~10x on that step); the brake fades as the short EMA forgets the spike (a few
+    steps). A falling loss is never braked.
     """
-    return torch.where(sigma < 0, 1.0 + sigma, torch.ones_like(sigma))
+    es, em = sensor["ema_short"], sensor["ema_medium"]
+    fast = torch.tanh((em - es) / torch.clamp(em.abs(), min=1e-5))
+    worst = torch.minimum(torch.minimum(sensor["scalar"], fast), torch.zeros_like(fast))
+    return 1.0 + worst
 
 
 def distance_update(
@@ -243,7 +252,7 @@ def distance_update(
     x: Tensor,
     g: Tensor,
     weights: Tensor,
-    sigma: Tensor,
+    sensor: dict[str, Tensor],
     valid: Tensor,
     *,
     min_lr: float,
@@ -256,7 +265,7 @@ def distance_update(
         state: see :func:`init_distance_state`; not modified.
         x, g: the sampled parameter and gradient values of this step (before the update).
         weights: parameters represented by each sampled coordinate.
-        sigma: the loss sensor's emotion scalar of this step.
+        sensor: the loss sensor's state after this step (for :func:`brake`).
         valid: where False (skipped step) the state is returned unchanged.
         min_lr, max_lr: clamp of the base LR.
         unit_direction: the update direction has unit size per coordinate whatever the
@@ -289,6 +298,6 @@ def distance_update(
     out = {key: torch.where(valid, value, state[key]) for key, value in new.items()}
     scale = out["d"]
     if unit_direction:
-        scale = scale * adam_rms(out["m"], out["v"], out["k"], weights)
-    lr = torch.clamp(scale * brake(sigma), min=min_lr, max=max_lr)
+        scale = scale * adam_rms(out["m"], out["v"], out["k"], weights) ** RHO_POWER
+    lr = torch.clamp(scale * brake(sensor), min=min_lr, max=max_lr)
     return out, lr
