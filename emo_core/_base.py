@@ -210,15 +210,15 @@ def common_options(arguments: dict[str, Any]) -> dict[str, Any]:
 class EmoOptimizer(Optimizer):
     """Base class of EmoSens, EmoAiry and EmoCats; see the module docstring for one step.
 
-    ``unit_direction``: the subclass's update has unit size per coordinate whatever the
-    gradient noise (sign, RMS-normalised); the distance controller then scales it like an
-    Adam direction (``distance.md``).
+    ``direction_power``: how far the subclass's update direction is from an Adam direction
+    in size under gradient noise (0: Adam-type; 1: sign); the distance controller scales its
+    LR by ``ρ^direction_power`` (``distance.md``).
 
     Subclasses add their hyperparameter checks (``_check_group``), lazy per-parameter state
     (``_init_state``), the kernel choice (``_pick_impl``) and the update rule (``_update``).
     """
 
-    unit_direction = False
+    direction_power = 0.0
 
     def __init__(
         self,
@@ -499,11 +499,13 @@ class EmoOptimizer(Optimizer):
         if cache["layout"] != layout:
             sensor = self._sensor["ema_long"]
             world = world_size(self.process_group) if self.sync_loss else 1
-            cache["plan"] = plan_sample(self.param_groups, sensor.device, sensor.dtype, world)
+            cache["plan"] = plan_sample(self.param_groups, sensor.device, world)
             cache["layout"] = layout
             state = self.state.get(DISTANCE_STATE_KEY)
             if state is None or state["x0"].numel() != cache["plan"].size:
-                fresh = init_distance_state(cache["plan"].size, sensor.device, sensor.dtype)
+                fresh = init_distance_state(
+                    cache["plan"].size, sensor.device, sensor.dtype, self.direction_power > 0
+                )
                 if state is not None:  # keep the scale found so far, restart the sample
                     fresh["d"] = state["d"]
                 self.state[DISTANCE_STATE_KEY] = fresh
@@ -511,7 +513,7 @@ class EmoOptimizer(Optimizer):
 
     def _distance_sample(self) -> tuple[Tensor, Tensor]:
         sensor = self._sensor["ema_long"]
-        return gather_sample(self._distance_plan(), self.param_groups, sensor.device, sensor.dtype)
+        return gather_sample(self._distance_plan(), self.param_groups, sensor.device)
 
     def _advance_distance(self, sample: tuple[Tensor, Tensor], valid: Tensor) -> None:
         sensor = self._sensor
@@ -523,7 +525,7 @@ class EmoOptimizer(Optimizer):
             valid,
             min_lr=self.min_lr,
             max_lr=self.max_lr,
-            unit_direction=self.unit_direction,
+            direction_power=self.direction_power,
         )
         self.state[DISTANCE_STATE_KEY] = state
         sensor["pulse"] = torch.where(valid, lr, sensor["pulse"])
@@ -714,7 +716,10 @@ class EmoOptimizer(Optimizer):
         if distance is not None:
             size = distance["x0"].numel()
             self.state[DISTANCE_STATE_KEY] = _restore(
-                distance, init_distance_state(size, device, fresh["ema_long"].dtype)
+                distance,
+                init_distance_state(
+                    size, device, fresh["ema_long"].dtype, self.direction_power > 0
+                ),
             )
         meta = dict(incoming.get(META_STATE_KEY) or {"seed": 0})
         meta["steps"] = _step_count(meta.get("steps", 0))  # also reads int counts
@@ -748,10 +753,11 @@ def _all_reduce(
         return all_reduce_loss_(loss, process_group), sample
     x, g = sample
     size = world_size(process_group)
-    stacked = torch.cat([loss.reshape(1), x, g])
+    stacked = torch.cat([loss.reshape(1), x.to(loss.dtype), g.to(loss.dtype)])
     all_reduce_loss_(stacked, process_group)  # the mean; the sample was scaled to sum
     n = x.numel()
-    return stacked[0], (stacked[1 : 1 + n] * size, stacked[1 + n :] * size)
+    x, g = stacked[1 : 1 + n] * size, stacked[1 + n :] * size
+    return stacked[0], (x.to(sample[0].dtype), g.to(sample[1].dtype))
 
 
 def _amp_check_pays(device: torch.device, dtype: torch.dtype, grads: list[Tensor]) -> bool:

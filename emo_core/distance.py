@@ -16,6 +16,7 @@ shards alike).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from .distributed import local_shard
 
 __all__ = [
     "BETA3",
+    "BRAKE_FLOOR",
     "adam_rms",
     "D0",
     "SAMPLE_SIZE",
@@ -38,20 +40,22 @@ __all__ = [
     "plan_sample",
 ]
 
-SAMPLE_SIZE = 1 << 14
+SAMPLE_SIZE = 1 << 12
 """Coordinates in the sample (fewer when the model is smaller): ~0 bytes per parameter."""
-SAMPLE_TENSORS = 32
+SAMPLE_TENSORS = 16
 """Tensors the sample reads per step at most (picked in proportion to their size): bounds
 the per-step cost on layouts of hundreds of small tensors (LoRA)."""
 D0 = 1e-6
 """The starting scale: far below any useful LR, so the first steps cannot overshoot."""
 BETA3 = 0.9975
 """EMA factor of the numerator and of ``s`` (√0.995: a ~400-step memory)."""
-GROWTH = math.inf
-"""Largest factor by which ``d`` may grow in one step."""
+SAMPLE_DTYPE = torch.float32
+"""dtype of the sampled vectors (the scalars use the sensor's dtype)."""
 ADAM_BETA1, ADAM_BETA2 = 0.9, 0.995
 """EmoSens's default betas, for the reference direction of sign/normalised updates."""
-RHO_POWER = 1.0
+BRAKE_FLOOR = 0.1
+"""The brake never cuts the LR by more than 10x: the sensor is relative to the loss level,
+so a loss near zero makes ordinary batch noise look like a spike."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class _Piece:
     count: int
     weight: float  # parameters represented by each sampled coordinate
     share: float  # this rank's contribution factor in the cross-rank sum
+    start: int = 0  # first sampled index in this rank's flat part of the tensor
+    length: int = 0  # sampled coordinates this rank holds ...
+    pad: tuple[int, int] = (0, 0)  # ... and the zeros around them (a shard)
+    plain: bool = True  # a real, unsharded tensor (the fast path)
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class SamplePlan:
     pieces: tuple[_Piece, ...]
     size: int
     weights: Tensor  # [size], per-coordinate weight
+    shares: Tensor | None  # [size], this rank's factor; None where all are 1
 
 
 def _next_prime(n: int) -> int:
@@ -89,9 +98,7 @@ def _stride_for(numel: int, coords: float) -> int:
     return _next_prime(math.ceil(numel / coords))
 
 
-def plan_sample(
-    param_groups: list[dict], device: torch.device, dtype: torch.dtype, world: int
-) -> SamplePlan:
+def plan_sample(param_groups: list[dict], device: torch.device, world: int) -> SamplePlan:
     """The sample for these groups: tensors picked with probability ∝ size, then strided."""
     tensors = [
         (gi, pi, _real_numel(p), _share(p, world))
@@ -122,12 +129,29 @@ def plan_sample(
                 count = math.ceil(numel / stride)
                 weight = hit * total / SAMPLE_TENSORS / count
                 pieces.append(_Piece(gi, pi, stride, count, weight, share))
+    pieces = [_locate(piece, param_groups[piece.group]["params"][piece.index]) for piece in pieces]
     size = sum(piece.count for piece in pieces)
-    weights = torch.cat(
-        [torch.full((piece.count,), piece.weight, dtype=dtype) for piece in pieces]
-        or [torch.zeros(0, dtype=dtype)]
-    ).to(device)
-    return SamplePlan(tuple(pieces), size, weights)
+
+    def per_coordinate(field: str) -> Tensor:
+        parts = [torch.full((p.count,), getattr(p, field), dtype=SAMPLE_DTYPE) for p in pieces]
+        return torch.cat(parts or [torch.zeros(0, dtype=SAMPLE_DTYPE)]).to(device)
+
+    shares = None if all(p.share == 1.0 for p in pieces) else per_coordinate("share")
+    return SamplePlan(tuple(pieces), size, per_coordinate("weight"), shares)
+
+
+def _locate(piece: _Piece, p: Tensor) -> _Piece:
+    """Where this rank's sampled coordinates of ``p`` are (all of them, or a shard's)."""
+    lo, hi = _local_range(p)
+    first = -(-lo // piece.stride)  # the first sampled global index ≥ lo
+    last = max(first, -(-hi // piece.stride))  # one past the last < hi
+    return dataclasses.replace(
+        piece,
+        start=first * piece.stride - lo,
+        length=last - first,
+        pad=(first, piece.count - last),
+        plain=local_shard(p) is p and not p.is_complex(),
+    )
 
 
 def _real_numel(p: Tensor) -> int:
@@ -174,64 +198,75 @@ def _local_range(p: Tensor) -> tuple[int, int]:
 
 
 def gather_sample(
-    plan: SamplePlan, param_groups: list[dict], device: torch.device, dtype: torch.dtype
+    plan: SamplePlan, param_groups: list[dict], device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """``(x, g)``: the sampled parameter and gradient values, each ``[plan.size]``, scaled
-    by this rank's share (so that a cross-rank sum gives the values). Zero gradient where a
-    sampled parameter has none this step."""
+    """``(x, g)``: the sampled parameter and gradient values, each ``[plan.size]`` fp32,
+    scaled by this rank's share (so that a cross-rank sum gives the values). Zero gradient
+    where a sampled parameter has none this step."""
     xs, gs = [], []
     for piece in plan.pieces:
         p = param_groups[piece.group]["params"][piece.index]
-        lo, hi = _local_range(p)
-        first = -(-lo // piece.stride)  # the first sampled global index ≥ lo
-        last = -(-hi // piece.stride)  # one past the last < hi
-        start = first * piece.stride - lo
-        x_part = _flat(local_shard(p))[start :: piece.stride][: max(0, last - first)]
+        window = slice(piece.start, piece.start + piece.stride * piece.length, piece.stride)
         grad = p.grad
-        g_part = (
-            torch.zeros_like(x_part)
-            if grad is None
-            else _flat(local_shard(grad))[start :: piece.stride][: max(0, last - first)]
-        )
+        if piece.plain and grad is not None and p.device == device:  # the common case
+            xs.append(p.reshape(-1)[window])
+            gs.append(grad.reshape(-1)[window])
+            continue
+        x_part = _flat(local_shard(p))[window]
+        g_part = torch.zeros_like(x_part) if grad is None else _flat(local_shard(grad))[window]
         for parts, part in ((xs, x_part), (gs, g_part)):
-            part = part.to(device=device, dtype=dtype)
-            if first > 0 or last < piece.count:  # a shard: zeros around its own part
-                part = torch.nn.functional.pad(part, (first, piece.count - last))
-            parts.append(part * piece.share if piece.share != 1.0 else part)
+            if part.device != device:
+                part = part.to(device)
+            if piece.pad != (0, 0):  # a shard: zeros around its own part
+                part = torch.nn.functional.pad(part, piece.pad)
+            parts.append(part)
     if not xs:
-        empty = torch.zeros(0, dtype=dtype, device=device)
+        empty = torch.zeros(0, dtype=SAMPLE_DTYPE, device=device)
         return empty, empty
-    return torch.cat(xs), torch.cat(gs)
+    # one copy each (cat reads the strided views and promotes mixed dtypes)
+    x, g = torch.cat(xs).to(SAMPLE_DTYPE), torch.cat(gs).to(SAMPLE_DTYPE)
+    if plan.shares is not None:
+        x, g = x * plan.shares, g * plan.shares
+    return x, g
 
 
-def init_distance_state(size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Fresh controller state: scale ``D0``, nothing accumulated, no starting point yet."""
-    return {
+def init_distance_state(
+    size: int, device: torch.device, dtype: torch.dtype, direction: bool
+) -> dict[str, Tensor]:
+    """Fresh controller state: scale ``D0``, nothing accumulated, no starting point yet.
+
+    ``dtype`` is the scalars' (the sensor's); the sampled vectors are fp32. ``direction``:
+    also the sampled Adam moments (for ``direction_power > 0``).
+    """
+
+    def vector() -> Tensor:
+        return torch.zeros(size, dtype=SAMPLE_DTYPE, device=device)
+
+    state = {
         "d": torch.tensor(D0, dtype=dtype, device=device),
         "num": torch.zeros((), dtype=dtype, device=device),
         "started": torch.zeros((), dtype=torch.bool, device=device),
-        "x0": torch.zeros(size, dtype=dtype, device=device),
-        "s": torch.zeros(size, dtype=dtype, device=device),
-        "m": torch.zeros(size, dtype=dtype, device=device),
-        "v": torch.zeros(size, dtype=dtype, device=device),
-        "k": torch.zeros((), dtype=dtype, device=device),
+        "x0": vector(),
+        "s": vector(),  # kept multiplied by the sample weights
     }
+    if direction:
+        state.update(m=vector(), v=vector(), k=torch.zeros((), dtype=dtype, device=device))
+    return state
 
 
 def adam_rms(m: Tensor, v: Tensor, k: Tensor, weights: Tensor) -> Tensor:
     """Weighted RMS over the sample of the bias-corrected Adam direction ``m̂/√v̂`` (≤ ~1;
     1 while the gradient is consistent, ~√((1−β1)/(1+β1)) ≈ 0.23 in pure noise)."""
     k = torch.clamp(k, min=1.0)
-    m_hat = m / (1 - ADAM_BETA1**k)
-    v_hat = v / (1 - ADAM_BETA2**k)
+    correction = (1 - ADAM_BETA2**k) / (1 - ADAM_BETA1**k) ** 2  # m̂²/v̂ = m²/v · this
     tiny = torch.finfo(m.dtype).tiny
-    u2 = torch.where(v_hat > 0, m_hat * m_hat / torch.clamp(v_hat, min=tiny), 0.0)
-    total = torch.clamp(weights.sum(), min=tiny)
-    return torch.sqrt(torch.clamp(torch.sum(weights * u2) / total, max=1.0))
+    u2 = m * m / torch.clamp(v, min=tiny)  # 0 where g has been 0
+    mean = torch.dot(weights, u2).to(k.dtype) / torch.clamp(weights.sum().to(k.dtype), min=tiny)
+    return torch.sqrt(torch.clamp(mean * correction, max=1.0))
 
 
 def brake(sensor: dict[str, Tensor]) -> Tensor:
-    """The loss sensor's brake, in (0, 1]: ``1 − |σ|`` for the more negative of
+    """The loss sensor's brake, in [BRAKE_FLOOR, 1]: ``1 − |σ|`` for the more negative of
 
     * the emotion scalar σ (short EMA against the long one: a rise over ~100 steps), and
     * ``σ_f = tanh((ema_medium − ema_short) / |ema_medium|)`` (short against medium: a rise
@@ -243,8 +278,7 @@ def brake(sensor: dict[str, Tensor]) -> Tensor:
     """
     es, em = sensor["ema_short"], sensor["ema_medium"]
     fast = torch.tanh((em - es) / torch.clamp(em.abs(), min=1e-5))
-    worst = torch.minimum(torch.minimum(sensor["scalar"], fast), torch.zeros_like(fast))
-    return 1.0 + worst
+    return torch.clamp(1.0 + torch.minimum(sensor["scalar"], fast), min=BRAKE_FLOOR, max=1.0)
 
 
 def distance_update(
@@ -257,7 +291,7 @@ def distance_update(
     *,
     min_lr: float,
     max_lr: float,
-    unit_direction: bool,
+    direction_power: float,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Advance the controller one step; returns the new state and the base LR.
 
@@ -268,36 +302,36 @@ def distance_update(
         sensor: the loss sensor's state after this step (for :func:`brake`).
         valid: where False (skipped step) the state is returned unchanged.
         min_lr, max_lr: clamp of the base LR.
-        unit_direction: the update direction has unit size per coordinate whatever the
-            gradient noise (sign, RMS-normalised): the LR is ``d·ρ`` with ``ρ`` the RMS of
-            the Adam direction ``m̂/√v̂`` on the sample, so the step moves a coordinate as
-            far as EmoSens's would at the same ``d``. Adam-type (False): ``ρ = 1``.
+        direction_power: ``p`` in ``lr = d·ρ^p``, with ``ρ`` the RMS over the sample of the
+            Adam direction ``m̂/√v̂`` (1 for a consistent gradient, ~0.23 in pure noise).
+            An Adam-type update (EmoSens) moves ``d·ρ`` per coordinate by itself: p = 0.
+            A sign update (EmoCats) moves ``d`` whatever the noise: p = 1 moves it as far as
+            EmoSens would. EmoAiry's unclipped ``g/√v̂`` lies between them: p = 0.5.
     """
     x0 = torch.where(state["started"], state["x0"], x)
     d = state["d"]
-    lam = d * (d / D0)  # weights ∝ d²: later steps (at the found scale) dominate
-    num = BETA3 * state["num"] + lam * torch.sum(weights * g * (x0 - x))
-    s = BETA3 * state["s"] + lam * g
-    den = torch.sum(weights * s.abs())
-    tiny = torch.finfo(den.dtype).tiny
-    d_hat = torch.where(den > 0, num / torch.clamp(den, min=tiny), torch.zeros_like(num))
-    d_new = torch.clamp(torch.maximum(d, torch.minimum(d_hat, GROWTH * d)), max=max_lr)
-    k = state["k"] + 1
-    m = ADAM_BETA1 * state["m"] + (1 - ADAM_BETA1) * g
-    v = ADAM_BETA2 * state["v"] + (1 - ADAM_BETA2) * g * g
-    new = {
-        "d": d_new,
-        "num": num,
-        "started": torch.ones_like(state["started"]),
-        "x0": x0,
-        "s": s,
-        "m": m,
-        "v": v,
-        "k": k,
+    lam = d * d * (1.0 / D0)  # weights ∝ d²: later steps (at the found scale) dominate
+    weighted_g = weights * g
+    progress = torch.dot(weighted_g, x0 - x).to(d.dtype)  # Σ w·g·(x0 − x)
+    num = torch.addcmul(BETA3 * state["num"], lam, progress)
+    s = torch.addcmul(BETA3 * state["s"], weighted_g, lam.to(g.dtype))  # kept weighted
+    den = torch.linalg.vector_norm(s, 1).to(d.dtype)
+    d_hat = num / torch.clamp(den, min=torch.finfo(den.dtype).tiny)  # 0 while den = 0
+    d_new = torch.clamp(torch.maximum(d, d_hat), max=max_lr)
+    out = {
+        "d": torch.where(valid, d_new, d),
+        "num": torch.where(valid, num, state["num"]),
+        "started": state["started"] | valid,
+        "x0": torch.where(valid, x0, state["x0"]),
+        "s": torch.where(valid, s, state["s"]),
     }
-    out = {key: torch.where(valid, value, state[key]) for key, value in new.items()}
     scale = out["d"]
-    if unit_direction:
-        scale = scale * adam_rms(out["m"], out["v"], out["k"], weights) ** RHO_POWER
+    if direction_power:
+        out["k"] = state["k"] + valid.to(state["k"].dtype)
+        keep = {"m": (g, ADAM_BETA1), "v": (g * g, ADAM_BETA2)}
+        for key, (value, beta) in keep.items():  # no step on a skipped step
+            out[key] = torch.lerp(state[key], value, (valid * (1 - beta)).to(g.dtype))
+            out[key] = torch.where(valid, out[key], state[key])  # (nan-safe)
+        scale = scale * adam_rms(out["m"], out["v"], out["k"], weights) ** direction_power
     lr = torch.clamp(scale * brake(sensor), min=min_lr, max=max_lr)
     return out, lr

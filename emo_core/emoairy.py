@@ -41,7 +41,7 @@ class EmoAiry(EmoOptimizer):
             ``log_every``).
     """
 
-    unit_direction = True
+    direction_power = 0.5  # g/√v̂: unit RMS, not unit size per coordinate
 
     def __init__(
         self,

@@ -35,7 +35,7 @@ class EmoCats(EmoOptimizer):
             ``log_every``).
     """
 
-    unit_direction = True
+    direction_power = 1.0  # a sign update: unit size per coordinate
 
     def __init__(
         self,

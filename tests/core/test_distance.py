@@ -204,7 +204,9 @@ def test_resume_is_bitwise_exact(name: str) -> None:
     fresh.load_state_dict(saved["opt"])
     _train(fresh_model, fresh, range(15, 30))
     _assert_same(fresh_model.state_dict(), ref_model.state_dict())
-    _assert_same(fresh.state_dict()["state"]["emo_distance"], ref.state_dict()["state"]["emo_distance"])
+    _assert_same(
+        fresh.state_dict()["state"]["emo_distance"], ref.state_dict()["state"]["emo_distance"]
+    )
     assert fresh.get_effective_lr() == ref.get_effective_lr()
 
 
@@ -221,17 +223,17 @@ def test_the_sample_is_bounded_and_state_is_about_zero_bytes_per_parameter() -> 
     extra = sum(t.numel() * t.element_size() for t in state.values())
     n = sum(p.numel() for p in params)
     assert extra / n < 0.25  # bytes per parameter
-    plan = plan_sample(opt.param_groups, torch.device("cpu"), torch.float64, 1)
+    plan = plan_sample(opt.param_groups, torch.device("cpu"), 1)
     assert plan.size <= SAMPLE_SIZE * 1.1
     assert len(plan.pieces) <= 32
     # both kinds of tensor (8x1024 and 1024x8) are sampled, weighted to the whole model
     assert {params[p.index].shape for p in plan.pieces} == {(8, 1024), (1024, 8)}
-    assert float(plan.weights.sum()) == pytest.approx(n, rel=1e-9)
+    assert float(plan.weights.sum()) == pytest.approx(n, rel=1e-6)
 
 
 def test_small_models_are_sampled_completely() -> None:
     params = list(small_model().parameters())
-    plan = plan_sample([{"params": params}], torch.device("cpu"), torch.float64, 1)
+    plan = plan_sample([{"params": params}], torch.device("cpu"), 1)
     assert plan.size == sum(p.numel() for p in params)
     assert torch.all(plan.weights == 1.0)
 
@@ -273,5 +275,7 @@ def test_state_dicts_saved_with_the_old_scope_key_still_load() -> None:
 
 
 def test_bad_pulse_raises_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"Invalid pulse: 'fast' \(expected one of distance, v37\)"):
+    with pytest.raises(
+        ValueError, match=r"Invalid pulse: 'fast' \(expected one of distance, v37\)"
+    ):
         EmoCats([torch.zeros(2, requires_grad=True)], pulse="fast")
