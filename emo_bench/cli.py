@@ -2,11 +2,12 @@
 
 Subcommands::
 
-    emo-bench quality [--quick]   # 4 offline workloads x 10 optimizer configs x seeds
+    emo-bench quality [--quick] [--jobs 2]  # 8 offline workloads x 15 optimizer configs x seeds
     emo-bench speed   [--quick]   # step time vs torch AdamW, state bytes, host syncs
     emo-bench demo                # quality --quick, then speed --quick (what `make demo` runs)
 
-Each writes ``<out>/quality.md`` + ``quality.png`` + ``quality.json`` (or ``speed.*``) and
+Each writes ``<out>/quality.md`` + ``quality.png`` (loss curves) + ``quality_lr.png``
+(effective LR per workload) + ``quality.json`` (or ``speed.md/png/json``) and
 prints the markdown table; with ``--json`` it prints the JSON document instead. Full runs go
 to ``emo_bench/results/``, ``--quick`` runs to ``emo_bench/results/quick/`` (``--out``
 changes both).
@@ -14,14 +15,22 @@ changes both).
 JSON fields (non-finite numbers are ``null``):
 
 - quality: ``command`` ("quality"), ``settings`` (``command``, ``quick``, ``seeds``,
-  ``steps`` per workload, ``adamw_sweep``, ``device``, ``wall_s``), ``machine`` (``cpu``,
+  ``steps`` per workload, ``adamw_sweep``, ``device``, ``jobs``, ``wall_s``), ``machine`` (``cpu``,
   ``cores``, ``torch_threads``, ``torch``, ``python``, ``os``, ``device``, ``emo`` (version
   and git commit), ``load_avg``[, ``gpu``]),
   ``results``: one object per (workload, optimizer) with ``workload``, ``optimizer``,
   ``family``, ``lr``, ``metric``, ``higher_is_better``, ``mean``, ``std``, ``values`` (per
   seed), ``diverged`` (count), ``seeds``, ``wall_s`` (per run), ``lr_min``, ``lr_max``,
-  ``gap_to_tuned_adamw_pct`` (+ = worse), ``role`` ("tuned", "default" or ""), and
-  ``files`` (``markdown``, ``plot``, ``json``).
+  ``lr_median`` (effective LR over the traces of all seeds), ``gap_to_tuned_adamw_pct``
+  (+ = worse), ``role`` ("tuned", "default", "tuned,default" or "");
+  ``summary``: one object per optimizer (every non-AdamW row, then "AdamW tuned per
+  workload", then the best single AdamW LR) with ``optimizer``, ``family``, ``role``,
+  ``within_2pct`` (workloads with gap <= 2% and no divergence), ``workloads``,
+  ``geomean_ratio`` (geometric mean over workloads of ``1 + gap/100``, clipped to [0.1, 10];
+  lower is better, tuned AdamW = 1), ``divergences``, ``gaps`` ({workload: pct}), ``lr``;
+  ``best_single_adamw_lr``; ``tuned_adamw_lr`` ({workload: lr}); ``lr_traces``
+  ({workload: {optimizer: [[step, lr], ...]}}, seed 0, non-AdamW rows); and ``files``
+  (``markdown``, ``plot``, ``lr_plot``, ``json``).
 - speed: ``command`` ("speed"), ``settings`` (``command``, ``quick``, ``device``,
   ``warmup``, ``repeats``, ``steps``, ``wall_s``), ``machine``, ``layouts`` (``name``,
   ``title``, ``params``, ``tensors``), ``results``: one object per (layout, optimizer) with
@@ -147,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emo-bench",
         description="Measured quality and speed of the Emo optimizers vs AdamW, Prodigy, "
-        "Schedule-Free AdamW and Lion.",
+        "Prodigy + Schedule-Free, Schedule-Free AdamW and Lion.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quality", help="train the offline workloads with every optimizer")
@@ -163,14 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--workloads",
         type=_csv,
         default=None,
-        help="comma-separated: digits, charlm, flow, quadratic (default: all)",
+        help="comma-separated: digits, charlm, flow, quadratic, finetune, lora, conv, "
+        "autoencoder (default: all)",
     )
     q.add_argument(
         "--optimizers",
         type=_csv,
         default=None,
         help="comma-separated prefixes: emosens, emoairy, emocats, adamw, prodigy, "
-        "schedule-free, lion (default: all)",
+        "schedule-free, lion (default: all but lion)",
+    )
+    q.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        help="worker processes for the (workload, optimizer, seed) runs (default: 1; each "
+        "worker uses --threads threads; results do not depend on it)",
     )
     s = sub.add_parser("speed", help="step time, state bytes and host syncs per optimizer")
     _common(s)
@@ -217,15 +234,16 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
-    from .plots import plot_quality
+    from .plots import plot_lr, plot_quality
     from .quality import run_quality
 
     try:
         workloads = get_workloads(getattr(args, "workloads", None))
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    contenders = quality_contenders()
-    names = _pick(getattr(args, "optimizers", None), [c.name for c in contenders], "--optimizers")
+    wanted = getattr(args, "optimizers", None)
+    contenders = quality_contenders(lion=any(_slug(n).startswith("lion") for n in wanted or []))
+    names = _pick(wanted, [c.name for c in contenders], "--optimizers")
     contenders = [c for c in contenders if c.name in names]
     seeds = getattr(args, "seeds", None) or [0, 1, 2]
     steps = getattr(args, "steps", None)
@@ -239,6 +257,7 @@ def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]
         steps=steps,
         device=args.device,
         progress=not args.no_progress,
+        jobs=getattr(args, "jobs", 1),
     )
     steps_used = {w.name: steps or (w.quick_steps if quick else w.steps) for w in workloads}
     settings = {
@@ -248,12 +267,14 @@ def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]
         "steps": steps_used,
         "adamw_sweep": list(ADAMW_SWEEP),
         "device": str(args.device),
+        "jobs": getattr(args, "jobs", 1),
         "wall_s": time.perf_counter() - start,
     }
     machine = describe_machine(args.device)
     files = {
         "markdown": str(out / "quality.md"),
         "plot": str(out / "quality.png"),
+        "lr_plot": str(out / "quality_lr.png"),
         "json": str(out / "quality.json"),
     }
     plot_quality(
@@ -265,14 +286,21 @@ def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]
         {w.name: w.log_scale for w in workloads},
         Path(files["plot"]),
     )
+    plot_lr(results, {w.name: f"{w.name}: effective LR" for w in workloads}, Path(files["lr_plot"]))
     titles = {w.name: (w.title, steps_used[w.name], w.batch) for w in workloads}
-    text = report.quality_markdown(results, titles, settings, machine, "quality.png")
+    text = report.quality_markdown(
+        results, titles, settings, machine, "quality.png", "quality_lr.png"
+    )
     doc = report.quality_json(results, settings, machine, files)
     report.write_text(Path(files["markdown"]), text)
     report.write_json(Path(files["json"]), doc)
     if not args.json:
         print(text, flush=True)
-    _say(args, f"quality results: {files['markdown']}, {files['plot']}, {files['json']}")
+    _say(
+        args,
+        f"quality results: {files['markdown']}, {files['plot']}, {files['lr_plot']}, "
+        f"{files['json']}",
+    )
     return doc
 
 

@@ -1,4 +1,4 @@
-"""The two figures: training-loss and effective-LR curves (quality), step-time ratios (speed).
+"""The figures: training loss and effective LR per workload (quality), step-time ratios (speed).
 
 matplotlib is imported inside the functions with the non-interactive Agg backend, so
 importing this module has no side effects and no display is needed.
@@ -12,13 +12,14 @@ from typing import Any
 
 from .quality import QualityRow
 
-__all__ = ["plot_quality", "plot_speed"]
+__all__ = ["plot_lr", "plot_quality", "plot_speed"]
 
 _COLORS = {
     "EmoSens": "#d62728",
     "EmoAiry": "#ff7f0e",
     "EmoCats": "#e377c2",
     "Prodigy": "#2ca02c",
+    "Prodigy + Schedule-Free": "#17becf",
     "Schedule-Free AdamW": "#9467bd",
 }
 
@@ -35,7 +36,40 @@ def _pyplot():
 def _color(name: str, family: str) -> str | None:
     if name in _COLORS:
         return _COLORS[name]
+    if name.split()[0] in _COLORS:  # a variant ("EmoSens pulse=v37"): its optimizer's colour
+        return _COLORS[name.split()[0]]
     return {"adamw": "#1f77b4", "lion": "#7f7f7f"}.get(family)
+
+
+def _style(r: QualityRow) -> str:
+    """Dashed: AdamW's default LR and Emo variants (e.g. the v3.7 pulse); solid otherwise."""
+    if r.role == "default" or (r.family == "emo" and " " in r.optimizer):
+        return "--"
+    return "-"
+
+
+def _grid(plt, n: int, height: float):
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
+
+
+def _legend(fig, axes, n: int) -> None:
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, min(len(labels), 5)), fontsize=8)
+    rows = math.ceil(n / min(n, 4))
+    fig.tight_layout(rect=(0, 0.12 / rows + 0.02, 1, 1))
+
+
+def _save(fig, plt, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path
 
 
 def plot_quality(
@@ -44,12 +78,10 @@ def plot_quality(
     log_scale: dict[str, bool],
     path: Path,
 ) -> Path:
-    """Top row: seed-mean training loss; bottom row: effective LR of seed 0 (log scale)."""
+    """One panel per workload: seed-mean training loss of every shown optimizer."""
     plt = _pyplot()
-    n = len(results)
-    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 6.8), squeeze=False, sharex="col")
-    for col, (name, rows) in enumerate(results.items()):
-        top, bottom = axes[0][col], axes[1][col]
+    fig, axes = _grid(plt, len(results), 3.4)
+    for ax, (name, rows) in zip(axes, results.items(), strict=True):
         for r in rows:
             if r.family == "adamw" and not r.role:
                 continue
@@ -58,39 +90,57 @@ def plot_quality(
                 label = "AdamW tuned (best of sweep, lr in title)"
             elif r.role:
                 label += f" ({r.role})"
-            style = "--" if r.role == "default" else "-"
             steps = max((s for s, _ in r.lr_curve), default=len(r.curve))
             xs = [i * steps / max(1, len(r.curve)) for i in range(len(r.curve))]
-            color = _color(r.optimizer, r.family)
             ys = [y if math.isfinite(y) else float("nan") for y in r.curve]
-            top.plot(xs, ys, style, color=color, label=label, lw=1.3)
-            if r.lr_curve:
-                bottom.plot(*zip(*r.lr_curve, strict=True), style, color=color, lw=1.3)
+            ax.plot(xs, ys, _style(r), color=_color(r.optimizer, r.family), label=label, lw=1.2)
         tuned = next((r for r in rows if r.role.startswith("tuned")), None)
         extra = f"\ntuned AdamW lr={tuned.lr:g}" if tuned else ""
-        top.set_title(titles[name] + extra, fontsize=9)
-        top.set_yscale("log" if log_scale.get(name) else "linear")
-        top.set_ylabel("training loss (seed mean)" if col == 0 else "")
-        bottom.set_yscale("log")
-        bottom.set_xlabel("step")
-        bottom.set_ylabel("effective LR (seed 0)" if col == 0 else "")
-        for ax in (top, bottom):
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=8)
+        ax.set_title(titles[name] + extra, fontsize=9)
+        ax.set_yscale("log" if log_scale.get(name) else "linear")
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("training loss (seed mean)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
         finite = [y for r in rows for y in r.curve if math.isfinite(y)]
         if finite and not log_scale.get(name):
             low = min(finite)
             high = sorted(finite)[int(0.97 * (len(finite) - 1))]
-            top.set_ylim(low - 0.05 * (high - low), high)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, loc="lower center", ncol=max(1, min(len(labels), 5, 2 * n)), fontsize=8
-    )
-    fig.tight_layout(rect=(0, 0.09, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+            if high > low:
+                ax.set_ylim(low - 0.05 * (high - low), high)
+    _legend(fig, axes, len(results))
+    return _save(fig, plt, path)
+
+
+def plot_lr(results: dict[str, list[QualityRow]], titles: dict[str, str], path: Path) -> Path:
+    """One panel per workload: effective LR over steps (seed 0) of every LR-free optimizer,
+    with tuned AdamW's LR as a horizontal line (best single AdamW LR dotted)."""
+    from .summary import best_single_adamw
+
+    plt = _pyplot()
+    best = best_single_adamw(results)
+    fig, axes = _grid(plt, len(results), 3.2)
+    for ax, (name, rows) in zip(axes, results.items(), strict=True):
+        for r in rows:
+            if r.family == "adamw" or not r.lr_curve:
+                continue
+            steps, lrs = zip(*r.lr_curve, strict=True)
+            lrs = [lr if math.isfinite(lr) and lr > 0 else float("nan") for lr in lrs]
+            color = _color(r.optimizer, r.family)
+            ax.plot(steps, lrs, _style(r), color=color, label=r.optimizer, lw=1.2)
+        tuned = next((r for r in rows if r.role.startswith("tuned")), None)
+        if tuned is not None:
+            ax.axhline(tuned.lr, color="black", lw=1.4, label="tuned AdamW lr (this workload)")
+        if best is not None:
+            ax.axhline(best.lr, color="black", lw=0.9, ls=":", label="best single AdamW lr")
+        ax.set_yscale("log")
+        ax.set_title(titles[name], fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("effective LR (seed 0)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    _legend(fig, axes, len(results))
+    return _save(fig, plt, path)
 
 
 def plot_speed(doc: dict[str, Any], path: Path) -> Path:

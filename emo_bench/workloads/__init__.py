@@ -1,16 +1,23 @@
-"""The four offline quality workloads, by name."""
+"""The eight offline quality workloads, by name."""
 
 from __future__ import annotations
 
+from .autoencoder import AUTOENCODER
 from .base import Task, Workload
 from .charlm import CHARLM
+from .conv import CONV
 from .digits import DIGITS
+from .finetune import FINETUNE
 from .flow import FLOW
+from .lora import LORA
 from .quadratic import QUADRATIC
 
 __all__ = ["WORKLOADS", "Task", "Workload", "get_workloads"]
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (DIGITS, CHARLM, FLOW, QUADRATIC)}
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (DIGITS, CHARLM, FLOW, QUADRATIC, FINETUNE, LORA, CONV, AUTOENCODER)
+}
 
 
 def get_workloads(names: list[str] | None = None) -> list[Workload]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from emo_bench import cli
+from emo_bench.contenders import emo_contenders
 
 
 def _run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
@@ -36,7 +37,7 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
         ],
     )
     assert doc["command"] == "quality"
-    assert {"command", "quick", "seeds", "steps", "adamw_sweep", "device", "wall_s"} <= set(
+    assert {"command", "quick", "seeds", "steps", "adamw_sweep", "device", "jobs", "wall_s"} <= set(
         doc["settings"]
     )
     assert doc["settings"]["steps"] == {"quadratic": 5, "digits": 5}
@@ -52,7 +53,8 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
         "load_avg",
     } <= set(doc["machine"])
     names = {(r["workload"], r["optimizer"]) for r in doc["results"]}
-    assert len(names) == 2 * 6  # EmoSens, 4 AdamW lrs, Schedule-Free
+    emo = [c.name for c in emo_contenders() if c.name.startswith("EmoSens")]
+    assert len(names) == 2 * (len(emo) + 6 + 1)  # EmoSens [+ pulse=v37], 6 AdamW lrs, SF
     fields = {
         "workload",
         "optimizer",
@@ -70,15 +72,27 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
         "lr_max",
         "gap_to_tuned_adamw_pct",
         "role",
+        "lr_median",
     }
     for r in doc["results"]:
         assert set(r) == fields
         assert len(r["values"]) == 2
-    for key in ("markdown", "plot", "json"):
+    for key in ("markdown", "plot", "lr_plot", "json"):
         assert Path(doc["files"][key]).is_file()
-    assert Path(doc["files"]["plot"]).stat().st_size < 300_000
+    for key in ("plot", "lr_plot"):
+        assert 10_000 < Path(doc["files"][key]).stat().st_size < 300_000
+    summary = {s["optimizer"]: s for s in doc["summary"]}
+    assert {"EmoSens", "Schedule-Free AdamW", "AdamW tuned per workload"} <= set(summary)
+    fields = {"optimizer", "family", "role", "within_2pct", "workloads", "geomean_ratio"}
+    assert all(fields | {"divergences", "gaps", "lr"} == set(s) for s in doc["summary"])
+    assert summary["AdamW tuned per workload"]["geomean_ratio"] == 1.0
+    assert doc["best_single_adamw_lr"] in doc["settings"]["adamw_sweep"]
+    assert set(doc["tuned_adamw_lr"]) == {"quadratic", "digits"}
+    assert [step for step, _ in doc["lr_traces"]["digits"]["EmoSens"]][-1] == 5
     markdown = Path(doc["files"]["markdown"]).read_text()
     assert "| **EmoSens** |" in markdown and "(tuned" in markdown
+    assert markdown.index("## Summary") < markdown.index("## Digits MLP")
+    assert "quality_lr.png" in markdown
     assert json.loads(Path(doc["files"]["json"]).read_text()) == doc
 
 
