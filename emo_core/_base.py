@@ -241,6 +241,8 @@ class EmoOptimizer(Optimizer):
         log_every: int,
     ) -> None:
         lr = check_range("lr", lr, 0.0, low_inclusive=False)
+        if isinstance(pulse, str):  # class-path users may pass a quoted literal
+            pulse = pulse.strip().strip("'\"")
         if pulse not in PULSES:
             raise ValueError(f"Invalid pulse: {pulse!r} (expected one of {', '.join(PULSES)})")
         self.pulse = pulse
