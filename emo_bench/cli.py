@@ -2,7 +2,8 @@
 
 Subcommands::
 
-    emo-bench quality [--quick] [--jobs 2]  # 8 offline workloads x 15 optimizer configs x seeds
+    emo-bench quality [--quick] [--jobs 2]  # 8 offline workloads x 12 optimizer configs (15
+                                            # with pulse="v37" rows) x seeds
     emo-bench speed   [--quick]   # step time vs torch AdamW, state bytes, host syncs
     emo-bench demo                # quality --quick, then speed --quick (what `make demo` runs)
 
@@ -29,7 +30,9 @@ JSON fields (non-finite numbers are ``null``):
   ``geomean_ratio`` (geometric mean over workloads of ``1 + gap/100``, clipped to [0.1, 10];
   lower is better, tuned AdamW = 1), ``divergences``, ``gaps`` ({workload: pct}), ``lr``;
   ``best_single_adamw_lr``; ``tuned_adamw_lr`` ({workload: lr}); ``lr_traces``
-  ({workload: {optimizer: [[step, lr], ...]}}, seed 0, non-AdamW rows); and ``files``
+  ({workload: {optimizer: [[step, lr], ...]}}, seed 0, non-AdamW rows); ``spike`` (per Emo
+  optimizer: ``optimizer``, ``lr_before``, ``lr_after``, ``lr_recovered`` around a one-step
+  10x loss on digits, see ``emo_bench.spike``); and ``files``
   (``markdown``, ``plot``, ``lr_plot``, ``json``).
 - speed: ``command`` ("speed"), ``settings`` (``command``, ``quick``, ``device``,
   ``warmup``, ``repeats``, ``steps``, ``wall_s``), ``machine``, ``layouts`` (``name``,
@@ -236,6 +239,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
     from .plots import plot_lr, plot_quality
     from .quality import run_quality
+    from .spike import spike_markdown, spike_rows
 
     try:
         workloads = get_workloads(getattr(args, "workloads", None))
@@ -288,10 +292,13 @@ def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]
     )
     plot_lr(results, {w.name: f"{w.name}: effective LR" for w in workloads}, Path(files["lr_plot"]))
     titles = {w.name: (w.title, steps_used[w.name], w.batch) for w in workloads}
+    spikes = spike_rows(contenders)
     text = report.quality_markdown(
         results, titles, settings, machine, "quality.png", "quality_lr.png"
     )
+    text += ("\n" + "\n".join(spike_markdown(spikes))) if spikes else ""
     doc = report.quality_json(results, settings, machine, files)
+    doc["spike"] = spikes
     report.write_text(Path(files["markdown"]), text)
     report.write_json(Path(files["json"]), doc)
     if not args.json:

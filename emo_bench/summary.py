@@ -65,18 +65,22 @@ class SummaryRow:
 
 
 def ratio(row: QualityRow) -> float:
-    """``1 + gap/100`` clipped to [RATIO_FLOOR, RATIO_CAP]; no finite result: RATIO_CAP."""
+    """``1 + gap/100`` clipped to [RATIO_FLOOR, RATIO_CAP]; no finite result: RATIO_CAP;
+    no tuned AdamW to compare with (gap ``None``): NaN."""
     gap = row.gap_to_tuned_adamw_pct
-    if gap is None or not math.isfinite(gap):
+    if gap is None:
+        return math.nan
+    if not math.isfinite(gap):
         return RATIO_CAP
     return min(RATIO_CAP, max(RATIO_FLOOR, 1.0 + gap / 100.0))
 
 
 def geomean_ratio(rows: list[QualityRow]) -> float:
-    """Geometric mean of :func:`ratio` over ``rows`` (one per workload)."""
-    if not rows:
+    """Geometric mean of :func:`ratio` over ``rows`` (one per workload); NaN if any is."""
+    ratios = [ratio(r) for r in rows]
+    if not ratios or any(math.isnan(x) for x in ratios):
         return math.nan
-    return math.exp(sum(math.log(ratio(r)) for r in rows) / len(rows))
+    return math.exp(sum(math.log(x) for x in ratios) / len(ratios))
 
 
 def _within(row: QualityRow) -> bool:
@@ -101,8 +105,10 @@ def _row(name: str, rows: list[QualityRow], role: str = "") -> SummaryRow:
 def _by_optimizer(results: dict[str, list[QualityRow]]) -> dict[str, list[QualityRow]]:
     """Rows of each optimizer present on every workload, in first-workload order."""
     names = [r.optimizer for r in next(iter(results.values()))]
-    table = {n: [next((r for r in rows if r.optimizer == n), None) for rows in results.values()]
-             for n in names}
+    table = {
+        n: [next((r for r in rows if r.optimizer == n), None) for rows in results.values()]
+        for n in names
+    }
     return {n: rows for n, rows in table.items() if all(r is not None for r in rows)}
 
 
@@ -118,9 +124,7 @@ def best_single_adamw(results: dict[str, list[QualityRow]]) -> SummaryRow | None
 
 def summary(results: dict[str, list[QualityRow]]) -> list[SummaryRow]:
     """Every non-AdamW optimizer, then tuned AdamW (per workload), then the best single LR."""
-    rows = [
-        _row(n, rs) for n, rs in _by_optimizer(results).items() if rs[0].family != "adamw"
-    ]
+    rows = [_row(n, rs) for n, rs in _by_optimizer(results).items() if rs[0].family != "adamw"]
     tuned = [next((r for r in rs if r.role.startswith("tuned")), None) for rs in results.values()]
     if all(t is not None for t in tuned):
         t = _row("AdamW tuned per workload", tuned, "tuned AdamW")
@@ -136,6 +140,10 @@ def _gap(g: float | None) -> str:
     return "n/a" if g is None or not math.isfinite(g) else f"{g:+.1f}%"
 
 
+def _ratio(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.3f}"
+
+
 def summary_markdown(rows: list[SummaryRow], workloads: list[str]) -> list[str]:
     """Markdown lines of the summary table (Emo rows bold)."""
     lines = [
@@ -148,7 +156,7 @@ def summary_markdown(rows: list[SummaryRow], workloads: list[str]) -> list[str]:
             label = f"AdamW best single LR ({s.optimizer.split('=')[-1]})"
         cells = [_gap(s.gaps.get(w)) for w in workloads]
         lines.append(
-            f"| {label} | {s.within_2pct}/{s.workloads} | {s.geomean_ratio:.3f} | "
+            f"| {label} | {s.within_2pct}/{s.workloads} | {_ratio(s.geomean_ratio)} | "
             f"{s.divergences} | " + " | ".join(cells) + " |"
         )
     return lines

@@ -15,8 +15,7 @@ from .quadratic import QUADRATIC
 __all__ = ["WORKLOADS", "Task", "Workload", "get_workloads"]
 
 WORKLOADS: dict[str, Workload] = {
-    w.name: w
-    for w in (DIGITS, CHARLM, FLOW, QUADRATIC, FINETUNE, LORA, CONV, AUTOENCODER)
+    w.name: w for w in (DIGITS, CHARLM, FLOW, QUADRATIC, FINETUNE, LORA, CONV, AUTOENCODER)
 }
 
 

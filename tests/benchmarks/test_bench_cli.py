@@ -93,6 +93,9 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
     assert "| **EmoSens** |" in markdown and "(tuned" in markdown
     assert markdown.index("## Summary") < markdown.index("## Digits MLP")
     assert "quality_lr.png" in markdown
+    assert [s["optimizer"] for s in doc["spike"]] == emo  # the spike probe, Emo rows only
+    assert all(s["lr_before"] > 0 and s["lr_recovered"] > 0 for s in doc["spike"])
+    assert "## Loss spike" in markdown
     assert json.loads(Path(doc["files"]["json"]).read_text()) == doc
 
 
@@ -179,3 +182,33 @@ def test_an_exact_optimizer_name_picks_one_entry_and_a_prefix_picks_all() -> Non
     assert cli._pick(["emocats"], names, "--optimizers") == ["EmoCats"]
     assert cli._pick(["emocats-compile"], names, "--optimizers") == ["EmoCats compile_update"]
     assert cli._pick(["adamw"], names, "--optimizers") == ["AdamW fused", "AdamW foreach"]
+
+
+def test_compare_scores_a_factory_against_a_stored_tuned_adamw(tmp_path: Path, capsys) -> None:
+    """The one-liner for trying a new optimizer: gaps against the numbers a run stored."""
+    import torch
+
+    from emo_bench.quality import compare, run_one
+    from emo_bench.workloads import WORKLOADS
+
+    doc = _run_json(
+        capsys,
+        ["quality", "--steps", "6", "--seeds", "0", "--workloads", "quadratic,digits"]
+        + ["--optimizers", "adamw", "--out", str(tmp_path), "--json", "--no-progress"],
+    )
+    path = tmp_path / "quality.json"
+    tuned = next(r for r in doc["results"] if r["workload"] == "quadratic" and r["role"] == "tuned")
+
+    def sgd(ps):
+        return torch.optim.SGD(ps, lr=0.05)
+
+    result = compare(sgd, name="SGD", workloads=["quadratic"], seeds=[0], reference=path)
+    mine = run_one(WORKLOADS["quadratic"], sgd, 0, steps=6).metric  # the stored steps
+    expected = 100 * (mine - tuned["mean"]) / tuned["mean"]
+    row = result.rows[0]
+    assert row.optimizer == "SGD"
+    assert row.gaps["quadratic"] == pytest.approx(expected)
+    assert row.geomean_ratio == pytest.approx(1 + expected / 100)
+    assert "| SGD | " in str(result) and str(path) in str(result)
+    with pytest.raises(ValueError, match="no stored tuned AdamW for conv"):
+        compare(sgd, workloads=["conv"], seeds=[0], reference=path)

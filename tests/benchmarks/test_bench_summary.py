@@ -68,6 +68,11 @@ def test_ratio_is_clipped_and_a_missing_result_counts_as_the_cap() -> None:
     mark_roles([*rows, nan_row, huge])
     assert ratio(nan_row) == 10.0 and ratio(huge) == 10.0
     assert geomean_ratio([nan_row, rows[0]]) == pytest.approx(math.sqrt(10.0))
+    unrated = row("a", "No reference", "emo", 1.0)  # never compared: gap None
+    assert math.isnan(ratio(unrated)) and math.isnan(geomean_ratio([unrated, rows[0]]))
+    assert (
+        "| **No reference** | 0/1 | n/a |" in summary_markdown(summary({"a": [unrated]}), ["a"])[2]
+    )
 
 
 def test_summary_markdown_lists_every_optimizer_and_workload() -> None:
