@@ -30,13 +30,13 @@ class EmoAiry(EmoOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr: pulse scale (default: 1.0).
+        lr: multiplier on the automatic LR (default: 1.0).
         beta2: decay of the (factored) second moment (default: 0.995).
         eps: added to √v̂ (default: 1e-8).
         clip_threshold: the update's RMS is clipped to this (default: 1.0).
         weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
-        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``use_shadow``,
-            ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
+        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``pulse``,
+            ``use_shadow``, ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
             ``stochastic_rounding``, ``foreach``, ``compile_update``, ``writer``,
             ``log_every``).
     """

@@ -26,11 +26,11 @@ class EmoCats(EmoOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr: pulse scale (default: 1.0).
+        lr: multiplier on the automatic LR (default: 1.0).
         betas: interpolation for the sign direction and the moment decay (default: (0.9, 0.995)).
         weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
-        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``use_shadow``,
-            ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
+        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``pulse``,
+            ``use_shadow``, ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
             ``stochastic_rounding``, ``foreach``, ``compile_update``, ``writer``,
             ``log_every``).
     """
