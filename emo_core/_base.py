@@ -8,8 +8,9 @@ One optimizer step, in order (SPEC §1-5):
 3. check every gradient (sparse -> error) before anything changes;
 4. one device flag for "loss and all gradients finite", folded into the loss so that the
    optional cross-rank mean (one 0-dim all-reduce) makes all ranks agree;
-5. advance the loss sensor once (``pulse.pulse_update``) -> emoPulse;
-6. per group ``lr_g = pulse * group["lr"] / group["scope"]``, shadow, then the subclass's
+5. advance the loss sensor once (``pulse.pulse_update``) and the chosen controller
+   (``pulse="distance"``: ``distance.distance_update``; ``"v37"``: the sensor's pulse);
+6. per group ``lr_g = pulse * group["lr"]``, shadow, then the subclass's
    update rule, bucketed by device and dtype, computed in the state dtype (fp32 for half
    parameters) and written back with optional stochastic rounding.
 
@@ -33,6 +34,7 @@ from torch.optim import Optimizer
 
 from . import capture, state_check
 from ._validation import as_bool, as_float_dtype, as_int, check_lr, check_range, loss_to_tensor
+from .distance import D0, distance_update, gather_sample, init_distance_state, plan_sample
 from .distributed import local_shard, mean_loss_over_ranks, world_size
 from .lr_guard import warn_if_small_lr
 from .metrics import metric_values
@@ -72,6 +74,12 @@ DEFAULT_ROUNDING_SEED = 0x5EED
 COMPILE_CHUNK = 32
 SENSOR_STATE_KEY = "emo_pulse"
 META_STATE_KEY = "emo_meta"
+DISTANCE_STATE_KEY = "emo_distance"
+PULSES = ("distance", "v37")
+"""``pulse=`` values: the distance-to-init controller (``distance.md``) or upstream's v3.7
+pulse (SPEC §2)."""
+DEFAULT_PULSE = "v37"
+_DEFAULT_LR_RANGE = {"distance": (1e-8, 1.0), "v37": (1e-6, 1e-3)}
 
 _NO_LOSS_WARNING = (
     "{name}.step() received no loss, so emoPulse cannot adapt and the previous learning rate "
@@ -185,6 +193,7 @@ def compiled(kernel: Callable[..., None]) -> Callable[..., None]:
 COMMON_OPTIONS = (
     "lr",
     "weight_decay",
+    "pulse",
     "use_shadow",
     "min_lr",
     "max_lr",
@@ -210,9 +219,15 @@ def common_options(arguments: dict[str, Any]) -> dict[str, Any]:
 class EmoOptimizer(Optimizer):
     """Base class of EmoSens, EmoAiry and EmoCats; see the module docstring for one step.
 
+    ``direction_power``: how far the subclass's update direction is from an Adam direction
+    in size under gradient noise (0: Adam-type; 1: sign); the distance controller scales its
+    LR by ``ρ^direction_power`` (``distance.md``).
+
     Subclasses add their hyperparameter checks (``_check_group``), lazy per-parameter state
     (``_init_state``), the kernel choice (``_pick_impl``) and the update rule (``_update``).
     """
+
+    direction_power = 0.0
 
     def __init__(
         self,
@@ -221,9 +236,10 @@ class EmoOptimizer(Optimizer):
         *,
         lr: float,
         weight_decay: float,
+        pulse: str,
         use_shadow: bool,
-        min_lr: float,
-        max_lr: float,
+        min_lr: float | None,
+        max_lr: float | None,
         sync_loss: bool,
         process_group: object | None,
         state_dtype: torch.dtype | None,
@@ -236,6 +252,14 @@ class EmoOptimizer(Optimizer):
         capture_loss: bool = False,
     ) -> None:
         lr = check_range("lr", lr, 0.0, low_inclusive=False)
+        if isinstance(pulse, str):  # class-path users may pass a quoted literal
+            pulse = pulse.strip().strip("'\"")
+        if pulse not in PULSES:
+            raise ValueError(f"Invalid pulse: {pulse!r} (expected one of {', '.join(PULSES)})")
+        self.pulse = pulse
+        low, high = _DEFAULT_LR_RANGE[pulse]
+        min_lr = low if min_lr is None else min_lr
+        max_lr = high if max_lr is None else max_lr
         self.min_lr = check_range("min_lr", min_lr, 0.0, low_inclusive=False)
         self.max_lr = check_range("max_lr", max_lr, 0.0, low_inclusive=False)
         if self.min_lr > self.max_lr:
@@ -263,7 +287,6 @@ class EmoOptimizer(Optimizer):
         self.capture_loss = as_bool("capture_loss", capture_loss)
         defaults = {
             "lr": lr,
-            "scope": lr,
             "weight_decay": weight_decay,
             "use_shadow": as_bool("use_shadow", use_shadow),
             **defaults,
@@ -273,6 +296,7 @@ class EmoOptimizer(Optimizer):
         # wrapper would be invisible to the optimizer.
         self._pending: dict[str, Any] = {"sum": None, "count": 0}
         self._flags: dict[str, bool] = {"warned_no_loss": False}
+        self._plan: dict[str, Any] = {"plan": None, "layout": None}
         super().__init__(params, defaults)
         # The loss sensor and the step counter: optimizer-wide, so not in ``self.state``, which
         # holds per-parameter state only (torch.distributed.checkpoint maps each of its keys
@@ -288,7 +312,7 @@ class EmoOptimizer(Optimizer):
     # ----------------------------------------------------------------- construction
     def _new_sensor_state(self, device: torch.device) -> dict[str, Tensor]:
         """A fresh loss sensor (also the template a loaded sensor is checked against)."""
-        return init_sensor_state(device, self.max_lr)
+        return init_sensor_state(device, self._first_lr())
 
     @staticmethod
     def _new_meta_state() -> dict[str, Any]:
@@ -303,7 +327,6 @@ class EmoOptimizer(Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate (and normalise in place) one param group's hyperparameters."""
         group["lr"] = check_lr("lr", group["lr"])
-        group["scope"] = check_range("scope", group["scope"], 0.0, low_inclusive=False)
         group["weight_decay"] = check_range("weight_decay", group["weight_decay"], 0.0)
         group["use_shadow"] = as_bool("use_shadow", group["use_shadow"])
 
@@ -337,12 +360,13 @@ class EmoOptimizer(Optimizer):
         self.__dict__.setdefault("_flags", {"warned_no_loss": False})
         self.__dict__.setdefault("compile_update", False)
         self.__dict__.setdefault("maximize", False)
+        self.__dict__.setdefault("pulse", "v37")
+        self.__dict__.setdefault("_plan", {"plan": None, "layout": None})
         if "emo_state" not in self.__dict__:  # pickled by a version that kept it in self.state
             self.emo_state = {
                 key: self.state.pop(key) for key in (SENSOR_STATE_KEY, META_STATE_KEY)
             }
         for group in self.param_groups:
-            group.setdefault("scope", group["lr"])
             group.setdefault("use_shadow", False)
 
     # ------------------------------------------------------------------ loss intake
@@ -430,9 +454,10 @@ class EmoOptimizer(Optimizer):
                 sensor["skipped"] = sensor["skipped"] + (~valid).to(sensor["skipped"].dtype)
         else:
             sensed = None
+            sample = self._distance_sample() if self.pulse == "distance" else None
             if across_ranks:  # the mean over the ranks that had a loss; nan if any was bad
-                loss_t, sensed = mean_loss_over_ranks(
-                    loss_t, valid, sensor["ema_long"], self.process_group
+                loss_t, sensed, sample = mean_loss_over_ranks(
+                    loss_t, valid, sensor["ema_long"], self.process_group, sample
                 )
             elif valid is not None:  # fold the gradient flag into the loss: nan if not finite
                 loss_t = torch.where(valid, loss_t, float("nan"))
@@ -441,13 +466,15 @@ class EmoOptimizer(Optimizer):
                 sensor,
                 loss_t,
                 valid if sensed is None else valid & sensed,
-                scope=self.defaults["scope"],
+                scope=1.0,
                 min_lr=self.min_lr,
                 max_lr=self.max_lr,
             )
             if sensed is not None:  # no rank had a loss: no information, not a skipped step
                 updated["skipped"] = sensor["skipped"] + (~valid).to(sensor["skipped"].dtype)
             self.emo_state[SENSOR_STATE_KEY] = updated
+            if sample is not None:
+                self._advance_distance(sample, valid if sensed is None else valid & sensed)
         self._refresh_effective_lr()
         if valid is None:
             valid = torch.ones((), dtype=torch.bool, device=sensor["ema_long"].device)
@@ -530,9 +557,65 @@ class EmoOptimizer(Optimizer):
         warnings.warn(_NO_LOSS_WARNING.format(name=type(self).__name__), stacklevel=3)
 
     def _refresh_effective_lr(self) -> None:
+        """``group["emo_lr"] = pulse * group["lr"]``: ``lr`` is a plain multiplier."""
         pulse = self._sensor["pulse"]
         for group in self.param_groups:
-            group["emo_lr"] = (pulse * (group["lr"] / group["scope"])).to(torch.float32)
+            group["emo_lr"] = (pulse * group["lr"]).to(torch.float32)
+
+    def _controller_template(self, key: str, saved: dict[str, Any]) -> dict[str, Tensor] | None:
+        """The fresh state a saved optimizer-wide entry ``key`` is checked against (None:
+        not a key of this optimizer). The distance controller's sample size is the saved one
+        (a changed layout restarts the sample at the next step, keeping ``d``)."""
+        if key != DISTANCE_STATE_KEY or not isinstance(saved.get("x0"), Tensor):
+            return None
+        sensor = self._sensor["ema_long"]
+        return init_distance_state(
+            saved["x0"].numel(), sensor.device, sensor.dtype, self.direction_power > 0
+        )
+
+    def _first_lr(self) -> float:
+        """The LR before the first loss: ``max_lr`` (v3.7) or the controller's start."""
+        return self.max_lr if self.pulse == "v37" else max(self.min_lr, min(D0, self.max_lr))
+
+    # ----------------------------------------------------- distance controller
+    def _distance_plan(self) -> Any:
+        """The sample plan for the current layout (built on first use, rebuilt if groups
+        are added); the controller's sample restarts when the layout changes."""
+        layout = tuple(len(group["params"]) for group in self.param_groups)
+        cache = self._plan
+        if cache["layout"] != layout:
+            sensor = self._sensor["ema_long"]
+            world = world_size(self.process_group) if self.sync_loss else 1
+            cache["plan"] = plan_sample(self.param_groups, sensor.device, world)
+            cache["layout"] = layout
+            state = self.emo_state.get(DISTANCE_STATE_KEY)
+            if state is None or state["x0"].numel() != cache["plan"].size:
+                fresh = init_distance_state(
+                    cache["plan"].size, sensor.device, sensor.dtype, self.direction_power > 0
+                )
+                if state is not None:  # keep the scale found so far, restart the sample
+                    fresh["d"] = state["d"]
+                self.emo_state[DISTANCE_STATE_KEY] = fresh
+        return cache["plan"]
+
+    def _distance_sample(self) -> tuple[Tensor, Tensor]:
+        sensor = self._sensor["ema_long"]
+        return gather_sample(self._distance_plan(), self.param_groups, sensor.device)
+
+    def _advance_distance(self, sample: tuple[Tensor, Tensor], valid: Tensor) -> None:
+        sensor = self._sensor
+        state, lr = distance_update(
+            self.emo_state[DISTANCE_STATE_KEY],
+            *sample,
+            self._plan["plan"].weights,
+            sensor,
+            valid,
+            min_lr=self.min_lr,
+            max_lr=self.max_lr,
+            direction_power=self.direction_power,
+        )
+        self.emo_state[DISTANCE_STATE_KEY] = state
+        sensor["pulse"] = torch.where(valid, lr, sensor["pulse"])
 
     # ------------------------------------------------------------------- per group
     def _step_group(
@@ -729,8 +812,10 @@ class EmoOptimizer(Optimizer):
             super().load_state_dict(plan.torch_state_dict)
         for p, state in plan.per_param:
             self.state[p] = state
-        self.emo_state[SENSOR_STATE_KEY] = plan.sensor
-        self.emo_state[META_STATE_KEY] = plan.meta
+        self.emo_state.clear()  # in place: wrappers (LightningOptimizer) share the dict
+        self.emo_state.update({SENSOR_STATE_KEY: plan.sensor, META_STATE_KEY: plan.meta})
+        self.emo_state.update(plan.controller)
+        self._plan.update(plan=None, layout=None)  # the sample plan is rebuilt at the next step
         self._flags["warned_no_loss"] = False
         self._refresh_effective_lr()
         for hook in post_hooks.values():
@@ -754,6 +839,24 @@ def _hooks_held(opt: Optimizer, *names: str) -> Iterator[dict[Any, Callable[...,
 def _overflow_norm(dtype: torch.dtype) -> float:
     """The smallest 2-norm whose square overflows ``dtype``: sqrt(finfo(dtype).max)."""
     return math.sqrt(torch.finfo(dtype).max)
+
+
+def _restore(saved: dict[str, Any] | None, fresh: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Saved 0-dim/sample state onto ``fresh``'s device and dtypes; missing keys fresh."""
+    if saved is None:
+        return fresh
+    return {
+        key: saved[key]
+        .detach()
+        .to(
+            device=fresh[key].device,
+            dtype=fresh[key].dtype if fresh[key].is_floating_point() else None,
+            copy=True,
+        )
+        if key in saved
+        else fresh[key]
+        for key in fresh
+    }
 
 
 def _real(t: Tensor) -> Tensor:

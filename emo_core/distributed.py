@@ -30,9 +30,15 @@ def all_reduce_loss_(loss: Tensor, process_group: object | None = None) -> Tenso
 
 
 def mean_loss_over_ranks(
-    loss: Tensor | None, grads_finite: Tensor | None, like: Tensor, process_group: object | None
-) -> tuple[Tensor, Tensor]:
-    """The mean loss over the ranks that have one, and whether any rank has one.
+    loss: Tensor | None,
+    grads_finite: Tensor | None,
+    like: Tensor,
+    process_group: object | None,
+    sample: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """The mean loss over the ranks that have one, whether any rank has one, and the
+    cross-rank sum of the pulse controller's gradient ``sample`` (None: none), all in one
+    collective.
 
     Every rank runs the same collective whatever it was fed: one all-reduce of the pair
     ``[loss·has_loss, has_loss]`` (``loss`` None counts as ``has_loss = 0``), so a rank that
@@ -46,10 +52,17 @@ def mean_loss_over_ranks(
         loss, has_loss = torch.zeros_like(has_loss), torch.zeros_like(has_loss)
     if grads_finite is not None:
         loss = torch.where(grads_finite.to(loss.device), loss, float("nan"))
-    pair = torch.stack([loss, has_loss])
-    dist.all_reduce(pair, op=dist.ReduceOp.SUM, group=process_group)
-    total, count = pair.unbind(0)
-    return total / torch.clamp(count, min=1.0), count > 0
+    parts = [loss.reshape(1), has_loss.reshape(1)]
+    if sample is not None:
+        parts += [part.to(loss.dtype) for part in sample]
+    packed = torch.cat(parts)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+    total, count = packed[0], packed[1]
+    if sample is not None:
+        x, g = sample
+        summed_x, summed_g = packed[2:].split([x.numel(), g.numel()])
+        sample = (summed_x.to(x.dtype), summed_g.to(g.dtype))
+    return total / torch.clamp(count, min=1.0), count > 0, sample
 
 
 def local_shard(t: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer, common_options, compiled
+from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._emoairy_blocked import BLOCK, TINY, blocked_emoairy
 from ._validation import check_range
 
@@ -30,16 +30,18 @@ class EmoAiry(EmoOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr: pulse scale (default: 1.0).
+        lr: multiplier on the automatic LR (default: 1.0).
         beta2: decay of the (factored) second moment (default: 0.995).
         eps: added to √v̂ (default: 1e-8).
         clip_threshold: the update's RMS is clipped to this (default: 1.0).
         weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
-        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``use_shadow``,
-            ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
+        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``pulse``,
+            ``use_shadow``, ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
             ``stochastic_rounding``, ``foreach``, ``compile_update``, ``writer``,
             ``log_every``, ``maximize``, ``capture_loss``).
     """
+
+    direction_power = 0.5  # g/√v̂: unit RMS, not unit size per coordinate
 
     def __init__(
         self,
@@ -50,9 +52,10 @@ class EmoAiry(EmoOptimizer):
         clip_threshold: float = 1.0,
         weight_decay: float = 0.01,
         *,
+        pulse: str = DEFAULT_PULSE,
         use_shadow: bool = False,
-        min_lr: float = 1e-6,
-        max_lr: float = 1e-3,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
         sync_loss: bool = True,
         process_group: object | None = None,
         state_dtype: torch.dtype | None = None,

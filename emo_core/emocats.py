@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import CPU_BLOCK, Bucket, EmoOptimizer, common_options, compiled
+from ._base import CPU_BLOCK, DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import check_betas
 
 __all__ = ["EmoCats", "emocats"]
@@ -26,14 +26,16 @@ class EmoCats(EmoOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr: pulse scale (default: 1.0).
+        lr: multiplier on the automatic LR (default: 1.0).
         betas: interpolation for the sign direction and the moment decay (default: (0.9, 0.995)).
         weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
-        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``use_shadow``,
-            ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
+        **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``pulse``,
+            ``use_shadow``, ``min_lr``, ``max_lr``, ``sync_loss``, ``process_group``, ``state_dtype``,
             ``stochastic_rounding``, ``foreach``, ``compile_update``, ``writer``,
             ``log_every``, ``maximize``, ``capture_loss``).
     """
+
+    direction_power = 1.0  # a sign update: unit size per coordinate
 
     def __init__(
         self,
@@ -42,9 +44,10 @@ class EmoCats(EmoOptimizer):
         betas: tuple[float, float] = (0.9, 0.995),
         weight_decay: float = 0.01,
         *,
+        pulse: str = DEFAULT_PULSE,
         use_shadow: bool = False,
-        min_lr: float = 1e-6,
-        max_lr: float = 1e-3,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
         sync_loss: bool = True,
         process_group: object | None = None,
         state_dtype: torch.dtype | None = None,

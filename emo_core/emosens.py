@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, EmoOptimizer, common_options, compiled
+from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
 
 __all__ = ["EmoSens", "emosens"]
@@ -28,21 +28,26 @@ _FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 class EmoSens(EmoOptimizer):
     """Adam-type Emo optimizer: accurate, 8 bytes of state per parameter.
 
-    Leave ``lr=1.0``: the learning rate comes from the training loss (emoPulse, between
-    ``min_lr`` and ``max_lr``). ``lr`` scales the pulse linearly ("emoScope"); per-group
-    ``lr`` values and LR schedulers act as multipliers on it. Feed the loss every step:
+    Leave ``lr=1.0``: the learning rate is automatic (emoPulse, between ``min_lr`` and
+    ``max_lr``), chosen by ``pulse``. ``lr`` is a plain multiplier applied after it (and
+    after the clamp), like per-group ``lr`` values and LR schedulers. Feed the loss every step:
     ``opt.step(loss=loss)``, ``opt.set_loss``/``add_loss``, or a closure that returns it.
 
     Args:
         params: parameters or param groups.
-        lr: pulse scale; 1.0 is the tested default (default: 1.0).
+        lr: multiplier on the automatic LR; 1.0 is the tested default (default: 1.0).
         betas: first and second moment decay (default: (0.9, 0.995)).
         eps: added to √v (default: 1e-8).
         weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
         use_shadow: keep a shadow copy that pulls parameters back on loss spikes (+4 B/param)
             (default: False).
-        min_lr: lower clamp of the pulse (default: 1e-6).
-        max_lr: upper clamp of the pulse (default: 1e-3).
+        pulse: ``"v37"``, upstream's v3.7 emoPulse from the loss alone (SPEC §2), or
+            ``"distance"``, the step size from a distance-to-init estimate with the loss
+            sensor's brake (``emo_core/distance.md``) (default: ``"v37"``).
+        min_lr: lower clamp of the pulse; None = 1e-6 (v37) or 1e-8 (distance)
+            (default: None).
+        max_lr: upper clamp of the pulse; None = 1e-3 (v37) or 1.0 (distance)
+            (default: None).
         sync_loss: average the loss over ``process_group`` so every rank uses the same LR
             (default: True).
         process_group: group for ``sync_loss`` (default: None = WORLD).
@@ -74,9 +79,10 @@ class EmoSens(EmoOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         *,
+        pulse: str = DEFAULT_PULSE,
         use_shadow: bool = False,
-        min_lr: float = 1e-6,
-        max_lr: float = 1e-3,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
         sync_loss: bool = True,
         process_group: object | None = None,
         state_dtype: torch.dtype | None = None,

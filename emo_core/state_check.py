@@ -72,6 +72,8 @@ def pack_state_dict(opt: EmoOptimizer, state_dict: dict[str, Any]) -> dict[str, 
         "format": FORMAT,
         SENSOR_KEY: dict(emo[SENSOR_KEY]),
         META_KEY: meta,
+        # the pulse controller's own state (``pulse="distance"``), once it has stepped
+        **{key: dict(value) for key, value in emo.items() if key not in (SENSOR_KEY, META_KEY)},
     }
     return {**state_dict, "param_groups": groups}
 
@@ -85,6 +87,7 @@ class LoadPlan:
     per_param: list[tuple[Tensor, dict[str, Any]]]  # (parameter, its state, on its device)
     sensor: dict[str, Tensor]
     meta: dict[str, Any]
+    controller: dict[str, dict[str, Tensor]]  # optimizer-wide controller state, by key
 
 
 def checked_load(opt: EmoOptimizer, state_dict: Any) -> LoadPlan:
@@ -127,10 +130,20 @@ def checked_load(opt: EmoOptimizer, state_dict: Any) -> LoadPlan:
     device = opt._sensor_device()
     sensor = _checked_sensor(emo[SENSOR_KEY], opt._new_sensor_state(device))
     meta = _checked_meta(emo[META_KEY], opt._new_meta_state())
+    controller = {}
+    for key, saved in emo.items():
+        if key in (SENSOR_KEY, META_KEY, "optimizer", "format"):
+            continue
+        template = opt._controller_template(key, saved) if isinstance(saved, Mapping) else None
+        if template is None:
+            _fail(f"the optimizer-wide entry {key!r} is not known to {type(opt).__name__}")
+        controller[key] = _checked_scalars(key, saved, template)
     torch_groups = []
     for saved, checked in zip(saved_groups, groups):
         torch_groups.append({**checked, "params": list(saved["params"])})
-    return LoadPlan({"state": {}, "param_groups": torch_groups}, per_param, sensor, meta)
+    return LoadPlan(
+        {"state": {}, "param_groups": torch_groups}, per_param, sensor, meta, controller
+    )
 
 
 def _emo_entry(opt: EmoOptimizer, state: dict[Any, Any], groups: Any) -> dict[str, Any]:
@@ -259,17 +272,30 @@ def _checked_param_state(
 
 
 def _checked_sensor(saved: Mapping[str, Any], fresh: dict[str, Tensor]) -> dict[str, Tensor]:
+    return _checked_scalars(SENSOR_KEY, saved, fresh, SENSOR_DEFAULTED_KEYS)
+
+
+def _checked_scalars(
+    key: str,
+    saved: Mapping[str, Any],
+    fresh: dict[str, Tensor],
+    defaulted: frozenset[str] = frozenset(),
+) -> dict[str, Tensor]:
+    """An optimizer-wide tensor dict (the loss sensor, a controller's state) checked
+    against ``fresh``: the same keys (``defaulted`` ones may be missing), shapes, dtype
+    classes, finite values; copied onto the template's device and dtype."""
+    label = "the loss sensor" if key == SENSOR_KEY else "the controller state"
     unknown = [k for k in saved if k not in fresh]
     if unknown:
-        _fail(f"the loss sensor {SENSOR_KEY!r} has unknown entries {unknown}")
+        _fail(f"{label} {key!r} has unknown entries {unknown}")
     out = {}
     for name, template in fresh.items():
         if name not in saved:
-            if name in SENSOR_DEFAULTED_KEYS:
+            if name in defaulted:
                 out[name] = template
                 continue
-            _fail(f"the loss sensor {SENSOR_KEY!r} lacks {name!r} (it has {sorted(saved)})")
-        where = f"{SENSOR_KEY}[{name!r}]"
+            _fail(f"{label} {key!r} lacks {name!r} (it has {sorted(saved)})")
+        where = f"{key}[{name!r}]"
         value = _checked_tensor(where, saved[name], template, f"expected {tuple(template.shape)}")
         out[name] = value.detach().to(device=template.device, dtype=template.dtype, copy=True)
     return out

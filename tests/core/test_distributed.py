@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from emo_core._base import PULSES
 from tests.core.cases import OPTIMIZERS, small_model
 
 
@@ -25,19 +27,21 @@ def _worker(rank: int, world: int, port: int, sync_loss: bool, out_dir: str) -> 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for name, cls in OPTIMIZERS.items():
+        for (name, cls), pulse in itertools.product(OPTIMIZERS.items(), PULSES):
             model = small_model(seed=0)
             params = list(model.parameters())
-            opt = cls(params, sync_loss=sync_loss)
+            opt = cls(params, sync_loss=sync_loss, pulse=pulse)
             gen = torch.Generator().manual_seed(rank)  # each rank sees different data
             for step in range(20):
                 for p in params:
-                    p.grad = torch.randn(p.shape, generator=gen)
+                    # a consistent direction plus rank-local noise
+                    p.grad = 1.0 + torch.randn(p.shape, generator=gen)
                     dist.all_reduce(p.grad)  # averaged as DDP does
                     p.grad /= world
                 local_loss = 1.0 / (step + 1) + rank * (step % 3)  # ranks disagree
                 opt.step(loss=torch.tensor(local_loss))
-            results[name] = [p.detach().clone() for p in params]
+            results[f"{name}-{pulse}"] = [p.detach().clone() for p in params]
+            results[f"{name}-{pulse}-lr"] = opt.emo_state["emo_pulse"]["pulse"].clone()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -57,13 +61,17 @@ def test_replicas_identical_with_sync_loss_and_drift_without(tmp_path) -> None:
     (tmp_path / "sync").mkdir()
     (tmp_path / "local").mkdir()
     rank0, rank1 = _run(tmp_path / "sync", sync_loss=True)
-    for name in OPTIMIZERS:
-        for a, b in zip(rank0[name], rank1[name]):
-            assert torch.equal(a, b), name
+    runs = [f"{name}-{pulse}" for name in OPTIMIZERS for pulse in PULSES]
+    for run in runs:
+        for a, b in zip(rank0[run], rank1[run]):
+            assert torch.equal(a, b), run
+        assert torch.equal(rank0[f"{run}-lr"], rank1[f"{run}-lr"]), run
+    for name in OPTIMIZERS:  # the distance controller has grown its scale (it is in use)
+        assert float(rank0[f"{name}-distance-lr"]) > 1e-5, name
     # The upstream defect, kept as a test: rank-local losses give rank-local LRs.
     rank0, rank1 = _run(tmp_path / "local", sync_loss=False)
-    for name in OPTIMIZERS:
-        assert not all(torch.equal(a, b) for a, b in zip(rank0[name], rank1[name])), name
+    for run in runs:
+        assert not all(torch.equal(a, b) for a, b in zip(rank0[run], rank1[run])), run
 
 
 # What each rank feeds at each step: "loss", "none" (step() without a loss), "none-nan"

@@ -6,6 +6,7 @@ writes what it measured to ``<out_dir>/fsdp2.json`` for the test to assert on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -23,6 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 from emo_core import EmoAiry, EmoCats, EmoSens
 
 OPTIMIZERS = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
+# The distance controller too (its sample spans the shards). It starts at 1e-6 and lr
+# multiplies what it finds: lr=1e3 makes STEPS steps move bf16 parameters measurably.
+OPTIMIZERS.update(
+    {
+        f"{name}-distance": functools.partial(cls, pulse="distance", lr=1e3)
+        for name, cls in list(OPTIMIZERS.items())
+    }
+)
 STEPS = 6
 
 

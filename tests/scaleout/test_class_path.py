@@ -72,7 +72,7 @@ def test_constructs_from_class_path_and_string_arguments(
         assert group[key] == EXPECTED[key], key
         assert type(group[key]) is type(EXPECTED[key]), key
     assert group["use_shadow"] is False  # never bool("False")
-    assert group["lr"] == group["scope"] == 1.0
+    assert group["lr"] == 1.0 and "scope" not in group  # lr: a plain multiplier
 
 
 @pytest.mark.parametrize("value", ["True", "False", True, False])

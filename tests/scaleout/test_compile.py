@@ -61,12 +61,12 @@ def _breaks_inside_emo_core(step: Callable[[Tensor], Tensor]) -> list[str]:
     ]
 
 
-def _run(name: str, backend: str) -> dict:
+def _run(name: str, backend: str, **kwargs) -> dict:
     """Train compiled and eager twins on the same losses; count compiled frames."""
-    model, opt = _make(name)
+    model, opt = _make(name, **kwargs)
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(_step_fn(model, opt), backend=counter)
-    twin_model, twin_opt = _make(name)
+    twin_model, twin_opt = _make(name, **kwargs)
     eager = _step_fn(twin_model, twin_opt)
     lrs, frames_after_warmup = [], None
     for index, scale in enumerate(LOSS_SCALES):
@@ -91,9 +91,10 @@ def _run(name: str, backend: str) -> dict:
     }
 
 
+@pytest.mark.parametrize("pulse", ["v37", "distance"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_no_graph_breaks_inside_the_optimizer(name: str) -> None:
-    model, opt = _make(name)
+def test_no_graph_breaks_inside_the_optimizer(name: str, pulse: str) -> None:
+    model, opt = _make(name, pulse=pulse)
     assert _breaks_inside_emo_core(_step_fn(model, opt)) == []
 
 
@@ -108,9 +109,10 @@ def test_graph_break_detection_sees_breaks_inside_emo_core() -> None:
     assert _breaks_inside_emo_core(_step_fn(model, opt))
 
 
+@pytest.mark.parametrize("pulse", ["v37", "distance"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_no_recompiles_while_the_effective_lr_changes(name: str) -> None:
-    result = _run(name, "eager")
+def test_no_recompiles_while_the_effective_lr_changes(name: str, pulse: str) -> None:
+    result = _run(name, "eager", pulse=pulse)
     after_warmup = result["lrs"][WARMUP_CALLS:]
     assert len({round(lr, 12) for lr in after_warmup}) >= 3, "the LR should move in this test"
     assert result["frames"] == result["frames_after_warmup"], "recompiled as the LR changed"

@@ -31,7 +31,12 @@ def test_fsdp2_equals_ddp(report: dict, name: str) -> None:
     assert compare["moved"] > 1e-4, "training did not change the parameters"
     assert compare["param_diff"] <= 1e-5
     assert compare["state_diff"] <= 1e-5
-    assert compare["lrs"][0] == compare["lrs"][1] == compare["ref_lr"]
+    assert compare["lrs"][0] == compare["lrs"][1]  # every rank at the same LR
+    if name.endswith("-distance"):  # estimated from the parameters: DDP's up to rounding
+        assert compare["lrs"][0] == pytest.approx(compare["ref_lr"], rel=1e-5)
+        assert compare["lrs"][0][0] > 1e3 * 1e-5, "the scale did not grow"
+    else:
+        assert compare["lrs"][0] == compare["ref_lr"]
     assert compare["skipped"] == 0
 
 

@@ -1,0 +1,337 @@
+"""The ``pulse="distance"`` controller: the step size from a distance-to-init estimate.
+
+The math, with its rationale, is in ``distance.md`` next to this file. In short: on a fixed
+sample of coordinates (at most :data:`SAMPLE_SIZE` of them, from at most
+:data:`SAMPLE_TENSORS` tensors) the controller keeps the starting point ``x0`` and an EMA
+``s`` of weighted gradients, accumulates ``num = Σ λ·<g, x0 − x>`` and estimates the scale
+``d̂ = num / ||s||₁`` (a lower bound on the ℓ∞ distance to a solution, as in
+D-Adaptation/Prodigy). ``d`` grows towards ``d̂`` (never shrinks) and the loss sensor's
+brake multiplies in: ``lr = clamp(d·brake(σ), min_lr, max_lr)``.
+
+Everything is tensor math on 0-dim and sample-sized tensors: no host reads. Under
+``torch.distributed`` the sampled values are reduced with the loss in one collective, so
+every rank holds the same sample and computes the same ``d`` (DDP replicas and FSDP2
+shards alike).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .distributed import local_shard
+
+__all__ = [
+    "BETA3",
+    "BRAKE_FLOOR",
+    "adam_rms",
+    "D0",
+    "SAMPLE_SIZE",
+    "SAMPLE_TENSORS",
+    "SamplePlan",
+    "brake",
+    "distance_update",
+    "gather_sample",
+    "init_distance_state",
+    "plan_sample",
+]
+
+SAMPLE_SIZE = 1 << 12
+"""Coordinates in the sample (fewer when the model is smaller): ~0 bytes per parameter."""
+SAMPLE_TENSORS = 16
+"""Tensors the sample reads per step at most (picked in proportion to their size): bounds
+the per-step cost on layouts of hundreds of small tensors (LoRA)."""
+D0 = 1e-6
+"""The starting scale: far below any useful LR, so the first steps cannot overshoot."""
+BETA3 = 0.9975
+"""EMA factor of the numerator and of ``s`` (√0.995: a ~400-step memory)."""
+SAMPLE_DTYPE = torch.float32
+"""dtype of the sampled vectors (the scalars use the sensor's dtype)."""
+ADAM_BETA1, ADAM_BETA2 = 0.9, 0.995
+"""EmoSens's default betas, for the reference direction of sign/normalised updates."""
+BRAKE_FLOOR = 0.1
+"""The brake never cuts the LR by more than 10x: the sensor is relative to the loss level,
+so a loss near zero makes ordinary batch noise look like a spike."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One sampled tensor: global flat indices ``0, stride, 2·stride, …`` (``count``)."""
+
+    group: int
+    index: int
+    stride: int
+    count: int
+    weight: float  # parameters represented by each sampled coordinate
+    share: float  # this rank's contribution factor in the cross-rank sum
+    start: int = 0  # first sampled index in this rank's flat part of the tensor
+    length: int = 0  # sampled coordinates this rank holds ...
+    pad: tuple[int, int] = (0, 0)  # ... and the zeros around them (a shard)
+    plain: bool = True  # a real, unsharded tensor (the fast path)
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Which coordinates are sampled; recomputed from the parameter layout, not saved."""
+
+    pieces: tuple[_Piece, ...]
+    size: int
+    weights: Tensor  # [size], per-coordinate weight
+    shares: Tensor | None  # [size], this rank's factor; None where all are 1
+
+
+def _next_prime(n: int) -> int:
+    """Smallest prime ≥ n (n ≥ 2): a prime stride does not align with row lengths."""
+    n = max(2, n)
+    while any(n % k == 0 for k in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
+
+
+def _stride_for(numel: int, coords: float) -> int:
+    if coords >= numel:
+        return 1
+    return _next_prime(math.ceil(numel / coords))
+
+
+def plan_sample(param_groups: list[dict], device: torch.device, world: int) -> SamplePlan:
+    """The sample for these groups: tensors picked with probability ∝ size, then strided."""
+    tensors = [
+        (gi, pi, _real_numel(p), _share(p, world))
+        for gi, group in enumerate(param_groups)
+        for pi, p in enumerate(group["params"])
+        if p.requires_grad and p.numel() > 0
+    ]
+    tensors = [t for t in tensors if t[3] is not None]
+    total = sum(t[2] for t in tensors)
+    budget = min(SAMPLE_SIZE, total)
+    pieces = []
+    if len(tensors) <= SAMPLE_TENSORS:
+        for gi, pi, numel, share in tensors:
+            stride = _stride_for(numel, max(1.0, budget * numel / total))
+            count = math.ceil(numel / stride)
+            pieces.append(_Piece(gi, pi, stride, count, numel / count, share))
+    else:  # systematic sampling: the tensors under SAMPLE_TENSORS evenly spaced positions
+        hits = [0] * len(tensors)
+        position, j = 0, 0
+        for k, (_, _, numel, _) in enumerate(tensors):
+            while j < SAMPLE_TENSORS and (j + 0.5) * total / SAMPLE_TENSORS < position + numel:
+                hits[k] += 1
+                j += 1
+            position += numel
+        for (gi, pi, numel, share), hit in zip(tensors, hits):
+            if hit:
+                stride = _stride_for(numel, hit * budget / SAMPLE_TENSORS)
+                count = math.ceil(numel / stride)
+                weight = hit * total / SAMPLE_TENSORS / count
+                pieces.append(_Piece(gi, pi, stride, count, weight, share))
+    pieces = [_locate(piece, param_groups[piece.group]["params"][piece.index]) for piece in pieces]
+    size = sum(piece.count for piece in pieces)
+
+    def per_coordinate(field: str) -> Tensor:
+        parts = [torch.full((p.count,), getattr(p, field), dtype=SAMPLE_DTYPE) for p in pieces]
+        return torch.cat(parts or [torch.zeros(0, dtype=SAMPLE_DTYPE)]).to(device)
+
+    shares = None if all(p.share == 1.0 for p in pieces) else per_coordinate("share")
+    return SamplePlan(tuple(pieces), size, per_coordinate("weight"), shares)
+
+
+def _locate(piece: _Piece, p: Tensor) -> _Piece:
+    """Where this rank's sampled coordinates of ``p`` are (all of them, or a shard's)."""
+    lo, hi = _local_range(p)
+    first = -(-lo // piece.stride)  # the first sampled global index ≥ lo
+    last = max(first, -(-hi // piece.stride))  # one past the last < hi
+    return dataclasses.replace(
+        piece,
+        start=first * piece.stride - lo,
+        length=last - first,
+        pad=(first, piece.count - last),
+        plain=local_shard(p) is p and not p.is_complex(),
+    )
+
+
+def _real_numel(p: Tensor) -> int:
+    return p.numel() * (2 if p.is_complex() else 1)
+
+
+def _share(p: Tensor, world: int) -> float | None:
+    """Factor on this rank's sampled values so that their sum over ranks is the value.
+
+    Plain tensors are replicas (DDP): 1/world each. A DTensor sharded on dim 0 (FSDP2)
+    contributes its own rows once (its placements' replicas share them). Other layouts are
+    left out of the sample (None).
+    """
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        return 1.0 / world
+    from torch.distributed.tensor import Replicate, Shard
+
+    replicas = 1
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, Replicate):
+            replicas *= p.device_mesh.size(mesh_dim)
+        elif not (isinstance(placement, Shard) and placement.dim == 0):
+            return None
+    return 1.0 / replicas if world > 1 else 1.0
+
+
+def _flat(t: Tensor) -> Tensor:
+    t = torch.view_as_real(t) if t.is_complex() else t
+    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
+
+
+def _local_range(p: Tensor) -> tuple[int, int]:
+    """The global flat index range ``[lo, hi)`` this rank holds of ``p``."""
+    local = local_shard(p)
+    if local is p:
+        return 0, _real_numel(p)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = _real_numel(local) // max(1, local.shape[0]) if local.dim() else 1
+    lo = offset[0] * row if local.dim() else 0
+    return lo, lo + _real_numel(local)
+
+
+def gather_sample(
+    plan: SamplePlan, param_groups: list[dict], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``(x, g)``: the sampled parameter and gradient values, each ``[plan.size]`` fp32,
+    scaled by this rank's share (so that a cross-rank sum gives the values). Zero gradient
+    where a sampled parameter has none this step."""
+    xs, gs = [], []
+    for piece in plan.pieces:
+        p = param_groups[piece.group]["params"][piece.index]
+        window = slice(piece.start, piece.start + piece.stride * piece.length, piece.stride)
+        grad = p.grad
+        if piece.plain and grad is not None and p.device == device:  # the common case
+            xs.append(p.reshape(-1)[window])
+            gs.append(grad.reshape(-1)[window])
+            continue
+        x_part = _flat(local_shard(p))[window]
+        g_part = torch.zeros_like(x_part) if grad is None else _flat(local_shard(grad))[window]
+        for parts, part in ((xs, x_part), (gs, g_part)):
+            if part.device != device:
+                part = part.to(device)
+            if piece.pad != (0, 0):  # a shard: zeros around its own part
+                part = torch.nn.functional.pad(part, piece.pad)
+            parts.append(part)
+    if not xs:
+        empty = torch.zeros(0, dtype=SAMPLE_DTYPE, device=device)
+        return empty, empty
+    # one copy each (cat reads the strided views and promotes mixed dtypes)
+    x, g = torch.cat(xs).to(SAMPLE_DTYPE), torch.cat(gs).to(SAMPLE_DTYPE)
+    if plan.shares is not None:
+        x, g = x * plan.shares, g * plan.shares
+    return x, g
+
+
+def init_distance_state(
+    size: int, device: torch.device, dtype: torch.dtype, direction: bool
+) -> dict[str, Tensor]:
+    """Fresh controller state: scale ``D0``, nothing accumulated, no starting point yet.
+
+    ``dtype`` is the scalars' (the sensor's); the sampled vectors are fp32. ``direction``:
+    also the sampled Adam moments (for ``direction_power > 0``).
+    """
+
+    def vector() -> Tensor:
+        return torch.zeros(size, dtype=SAMPLE_DTYPE, device=device)
+
+    state = {
+        "d": torch.tensor(D0, dtype=dtype, device=device),
+        "num": torch.zeros((), dtype=dtype, device=device),
+        "started": torch.zeros((), dtype=torch.bool, device=device),
+        "x0": vector(),
+        "s": vector(),  # kept multiplied by the sample weights
+    }
+    if direction:
+        state.update(m=vector(), v=vector(), k=torch.zeros((), dtype=dtype, device=device))
+    return state
+
+
+def adam_rms(m: Tensor, v: Tensor, k: Tensor, weights: Tensor) -> Tensor:
+    """Weighted RMS over the sample of the bias-corrected Adam direction ``m̂/√v̂`` (≤ ~1;
+    1 while the gradient is consistent, ~√((1−β1)/(1+β1)) ≈ 0.23 in pure noise)."""
+    k = torch.clamp(k, min=1.0)
+    correction = (1 - ADAM_BETA2**k) / (1 - ADAM_BETA1**k) ** 2  # m̂²/v̂ = m²/v · this
+    tiny = torch.finfo(m.dtype).tiny
+    u2 = m * m / torch.clamp(v, min=tiny)  # 0 where g has been 0
+    mean = torch.dot(weights, u2).to(k.dtype) / torch.clamp(weights.sum().to(k.dtype), min=tiny)
+    return torch.sqrt(torch.clamp(mean * correction, max=1.0))
+
+
+def brake(sensor: dict[str, Tensor]) -> Tensor:
+    """The loss sensor's brake, in [BRAKE_FLOOR, 1]: ``1 − |σ|`` for the more negative of
+
+    * the emotion scalar σ (short EMA against the long one: a rise over ~100 steps), and
+    * ``σ_f = tanh((ema_medium − ema_short) / |ema_medium|)`` (short against medium: a rise
+      over ~20 steps, which a long fall earlier in training cannot mask),
+
+    and 1 while both say the loss falls. A one-step 10x spike on a settled loss gives σ_f ≈ −0.91
+    (the LR drops ~10x on that step); the brake fades as the short EMA forgets the spike (a few
+    steps). A falling loss is never braked.
+    """
+    es, em = sensor["ema_short"], sensor["ema_medium"]
+    fast = torch.tanh((em - es) / torch.clamp(em.abs(), min=1e-5))
+    return torch.clamp(1.0 + torch.minimum(sensor["scalar"], fast), min=BRAKE_FLOOR, max=1.0)
+
+
+def distance_update(
+    state: dict[str, Tensor],
+    x: Tensor,
+    g: Tensor,
+    weights: Tensor,
+    sensor: dict[str, Tensor],
+    valid: Tensor,
+    *,
+    min_lr: float,
+    max_lr: float,
+    direction_power: float,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Advance the controller one step; returns the new state and the base LR.
+
+    Args:
+        state: see :func:`init_distance_state`; not modified.
+        x, g: the sampled parameter and gradient values of this step (before the update).
+        weights: parameters represented by each sampled coordinate.
+        sensor: the loss sensor's state after this step (for :func:`brake`).
+        valid: where False (skipped step) the state is returned unchanged.
+        min_lr, max_lr: clamp of the base LR.
+        direction_power: ``p`` in ``lr = d·ρ^p``, with ``ρ`` the RMS over the sample of the
+            Adam direction ``m̂/√v̂`` (1 for a consistent gradient, ~0.23 in pure noise).
+            An Adam-type update (EmoSens) moves ``d·ρ`` per coordinate by itself: p = 0.
+            A sign update (EmoCats) moves ``d`` whatever the noise: p = 1 moves it as far as
+            EmoSens would. EmoAiry's unclipped ``g/√v̂`` lies between them: p = 0.5.
+    """
+    x0 = torch.where(state["started"], state["x0"], x)
+    d = state["d"]
+    lam = d * d * (1.0 / D0)  # weights ∝ d²: later steps (at the found scale) dominate
+    weighted_g = weights * g
+    progress = torch.dot(weighted_g, x0 - x).to(d.dtype)  # Σ w·g·(x0 − x)
+    num = torch.addcmul(BETA3 * state["num"], lam, progress)
+    s = torch.addcmul(BETA3 * state["s"], weighted_g, lam.to(g.dtype))  # kept weighted
+    den = torch.linalg.vector_norm(s, 1).to(d.dtype)
+    d_hat = num / torch.clamp(den, min=torch.finfo(den.dtype).tiny)  # 0 while den = 0
+    d_new = torch.clamp(torch.maximum(d, d_hat), max=max_lr)
+    out = {
+        "d": torch.where(valid, d_new, d),
+        "num": torch.where(valid, num, state["num"]),
+        "started": state["started"] | valid,
+        "x0": torch.where(valid, x0, state["x0"]),
+        "s": torch.where(valid, s, state["s"]),
+    }
+    scale = out["d"]
+    if direction_power:
+        out["k"] = state["k"] + valid.to(state["k"].dtype)
+        keep = {"m": (g, ADAM_BETA1), "v": (g * g, ADAM_BETA2)}
+        for key, (value, beta) in keep.items():  # no step on a skipped step
+            out[key] = torch.lerp(state[key], value, (valid * (1 - beta)).to(g.dtype))
+            out[key] = torch.where(valid, out[key], state[key])  # (nan-safe)
+        scale = scale * adam_rms(out["m"], out["v"], out["k"], weights) ** direction_power
+    lr = torch.clamp(scale * brake(sensor), min=min_lr, max=max_lr)
+    return out, lr

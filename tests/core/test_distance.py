@@ -1,0 +1,282 @@
+"""The ``pulse="distance"`` controller (emo_core/distance.md): finds the scale, brakes on
+spikes, and keeps every contract of the step (no syncs, exact resume, bitwise skips)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from emo_core import EmoAiry, EmoCats, EmoSens
+from emo_core.distance import D0, SAMPLE_SIZE, plan_sample
+from tests.core.cases import (
+    ALL_IMPLS,
+    NAMES,
+    OPTIMIZERS,
+    impl_id,
+    scripted_losses,
+    set_random_grads,
+    small_model,
+)
+from tests.core.test_no_sync import count_host_reads
+
+DISTANCE = {"pulse": "distance"}
+
+
+def _regression(target: float, seed: int = 0, steps: int = 150, name: str = "emosens", **kw):
+    """Noisy least squares whose solution sits ``target`` away from the start per
+    coordinate; returns (optimizer, effective LR per step, params)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.zeros(32, 16, requires_grad=True)
+    true_w = target * torch.sign(torch.randn(32, 16, generator=gen))
+    opt = OPTIMIZERS[name]([w], **{**DISTANCE, **kw})
+    lrs = []
+    for _ in range(steps):
+        x = torch.randn(64, 16, generator=gen)
+        y = x @ true_w.T + 0.01 * torch.randn(64, 32, generator=gen)
+        loss = ((x @ w.T - y) ** 2).mean()
+        w.grad = None
+        loss.backward()
+        opt.step(loss=loss.detach())
+        lrs.append(opt.get_effective_lr()[0])
+    return opt, lrs, w
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_lr_grows_from_its_warm_start_to_the_problems_scale(name: str) -> None:
+    """Far solution (distance 1): the LR climbs four orders of magnitude above D0; near
+    solution (1e-3, the fine-tuning case): it stays ~1000x smaller."""
+    _, far, w_far = _regression(1.0, name=name)
+    _, near, _ = _regression(1e-3, name=name)
+    assert far[0] == pytest.approx(D0)
+    assert max(far) > 1e4 * D0
+    assert max(near) < max(far) / 100
+    assert max(far) < 1.0  # far below the cap
+
+
+def test_the_solution_is_reached_without_tuning() -> None:
+    opt, _, w = _regression(1.0, steps=300)
+    final = opt.telemetry()["ema_short"]
+    first = opt.telemetry()["ema_long"]
+    assert final < 0.01 * first
+
+
+def test_a_one_step_10x_loss_spike_cuts_the_lr_and_it_recovers() -> None:
+    """The spec's spike test: the sensor's brake multiplies into the found scale."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(16, 8, requires_grad=True)
+    true_w = torch.randn(16, 8, generator=gen)
+    opt = EmoSens([w], **DISTANCE)
+    lrs = []
+    for step in range(200):
+        x = torch.randn(64, 8, generator=gen)
+        loss = ((x @ w.T - x @ true_w.T) ** 2).mean() + 1.0
+        w.grad = None
+        loss.backward()
+        fed = loss.detach() * (10.0 if step == 150 else 1.0)
+        opt.step(loss=fed)
+        lrs.append(opt.get_effective_lr()[0])
+    assert lrs[150] < lrs[149] / 5  # cut several-fold on the spike step
+    assert lrs[149] > 100 * D0  # (the scale had been found before)
+    assert lrs[175] > 0.8 * lrs[149]  # and back within 25 steps
+    assert opt.telemetry()["d"] >= 0  # the sensor's own statistics are still reported
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_multiplying_the_loss_by_a_constant_keeps_the_trajectory(scale: float) -> None:
+    def run(factor: float) -> tuple[list[float], torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.zeros(8, 4, requires_grad=True)
+        true_w = torch.randn(8, 4, generator=gen)
+        opt = EmoSens([w], eps=1e-30, **DISTANCE)
+        lrs = []
+        for _ in range(60):
+            x = torch.randn(32, 4, generator=gen)
+            loss = factor * ((x @ w.T - x @ true_w.T) ** 2).mean()
+            w.grad = None
+            loss.backward()
+            opt.step(loss=loss.detach())
+            lrs.append(opt.get_effective_lr()[0])
+        return lrs, w.detach()
+
+    lrs, w = run(1.0)
+    scaled_lrs, scaled_w = run(scale)
+    assert scaled_lrs == pytest.approx(lrs, rel=1e-4)
+    torch.testing.assert_close(scaled_w, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_negative_loss_trains(name: str) -> None:
+    """A log-likelihood-style loss below zero: the scale is found and the loss falls."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(8, 4, requires_grad=True)
+    true_w = torch.randn(8, 4, generator=gen)
+    opt = OPTIMIZERS[name]([w], **DISTANCE)
+    losses = []
+    for _ in range(200):
+        x = torch.randn(32, 4, generator=gen)
+        loss = ((x @ w.T - x @ true_w.T) ** 2).mean() - 50.0
+        w.grad = None
+        loss.backward()
+        opt.step(loss=loss.detach())
+        losses.append(float(loss.detach()))
+    assert all(v < 0 for v in losses[-10:])
+    assert losses[-1] < losses[0] - 0.9 * (losses[0] + 50.0)
+    assert opt.get_effective_lr()[0] > 100 * D0
+
+
+@pytest.mark.parametrize("case", ALL_IMPLS + [(n, {}) for n in NAMES], ids=impl_id)
+def test_step_makes_no_host_reads(case: tuple[str, dict]) -> None:
+    name, impl = case
+    params = list(small_model().parameters())
+    opt = OPTIMIZERS[name](params, use_shadow=True, **DISTANCE, **impl)
+    for step, loss in enumerate(scripted_losses(5)):
+        set_random_grads(params, step)
+        with count_host_reads() as counts:
+            opt.step(loss=torch.tensor(loss))
+        assert sum(counts.values()) == 0, dict(counts)
+
+
+def _assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", ["nan_loss", "nan_grad", "inf_grad"])
+def test_a_skipped_step_is_a_bitwise_no_op(name: str, bad: str) -> None:
+    model = small_model()
+    params = list(model.parameters())
+    opt = OPTIMIZERS[name](params, **DISTANCE)
+    for step, loss in enumerate(scripted_losses(4)):
+        set_random_grads(params, step)
+        opt.step(loss=loss)
+    set_random_grads(params, 4)
+    if bad.endswith("grad"):
+        params[0].grad[0, 0] = float(bad[:3])
+    before_params = copy.deepcopy(model.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    opt.step(loss=float("nan") if bad == "nan_loss" else 0.3)
+    _assert_same(model.state_dict(), before_params)
+    after = opt.state_dict()
+    emo_after, emo_before = (sd["param_groups"][0]["emo_state"] for sd in (after, before))
+    assert emo_after["emo_pulse"]["skipped"] == 1
+    emo_after["emo_pulse"]["skipped"] = emo_before["emo_pulse"]["skipped"]
+    emo_after["emo_meta"] = emo_before["emo_meta"]
+    _assert_same(after, before)
+    assert "emo_distance" in emo_after
+
+
+def _train(model, opt, steps: range) -> None:
+    params = list(model.parameters())
+    losses = scripted_losses(steps.stop)
+    for step in steps:
+        set_random_grads(params, step)
+        opt.step(loss=abs(losses[step]) + 0.1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_is_bitwise_exact(name: str) -> None:
+    ref_model = small_model()
+    ref = OPTIMIZERS[name](ref_model.parameters(), **DISTANCE)
+    _train(ref_model, ref, range(30))
+    model = small_model()
+    opt = OPTIMIZERS[name](model.parameters(), **DISTANCE)
+    _train(model, opt, range(15))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh_model = small_model(seed=5)
+    fresh_model.load_state_dict(saved["model"])
+    fresh = OPTIMIZERS[name](fresh_model.parameters(), **DISTANCE)
+    fresh.load_state_dict(saved["opt"])
+    _train(fresh_model, fresh, range(15, 30))
+    _assert_same(fresh_model.state_dict(), ref_model.state_dict())
+    _assert_same(
+        fresh.emo_state["emo_distance"], ref.emo_state["emo_distance"]
+    )
+    assert fresh.get_effective_lr() == ref.get_effective_lr()
+
+
+def test_the_sample_is_bounded_and_state_is_about_zero_bytes_per_parameter() -> None:
+    """400 LoRA-sized tensors: at most SAMPLE_SIZE coordinates (a ~constant footprint)."""
+    params = [torch.zeros(8, 1024) if i % 2 else torch.zeros(1024, 8) for i in range(400)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = EmoAiry(params, **DISTANCE)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step(loss=1.0)
+    state = opt.emo_state["emo_distance"]
+    extra = sum(t.numel() * t.element_size() for t in state.values())
+    n = sum(p.numel() for p in params)
+    assert extra / n < 0.25  # bytes per parameter
+    plan = plan_sample(opt.param_groups, torch.device("cpu"), 1)
+    assert plan.size <= SAMPLE_SIZE * 1.1
+    assert len(plan.pieces) <= 32
+    # both kinds of tensor (8x1024 and 1024x8) are sampled, weighted to the whole model
+    assert {params[p.index].shape for p in plan.pieces} == {(8, 1024), (1024, 8)}
+    assert float(plan.weights.sum()) == pytest.approx(n, rel=1e-6)
+
+
+def test_small_models_are_sampled_completely() -> None:
+    params = list(small_model().parameters())
+    plan = plan_sample([{"params": params}], torch.device("cpu"), 1)
+    assert plan.size == sum(p.numel() for p in params)
+    assert torch.all(plan.weights == 1.0)
+
+
+def test_lr_is_a_plain_multiplier_after_everything() -> None:
+    """Constructor lr, group lr and an LR scheduler all scale the automatic LR linearly."""
+
+    def lrs(**kw) -> list[float]:
+        opt, out, _ = _regression(1.0, steps=40, **kw)
+        return out
+
+    base = lrs()
+    half = lrs(lr=0.5)
+    assert half[0] == pytest.approx(0.5 * base[0])
+    # v3.7 at its cap: lr=0.5 now halves the effective LR (it was a no-op under the clamp)
+    p = torch.zeros(3, requires_grad=True)
+    capped = EmoSens([p], lr=0.5, pulse="v37")
+    sched = torch.optim.lr_scheduler.LambdaLR(capped, lambda epoch: 0.1 if epoch >= 60 else 1.0)
+    for _ in range(60):  # a flat loss: the pulse sits at max_lr
+        p.grad = torch.zeros(3)
+        capped.step(loss=1.0)
+        sched.step()
+    assert capped.get_effective_lr()[0] == pytest.approx(0.5e-3)
+    p.grad = torch.zeros(3)
+    capped.step(loss=1.0)  # the scheduler's factor applies from this step on
+    assert capped.get_effective_lr()[0] == pytest.approx(0.05e-3)
+
+
+def test_state_dicts_saved_with_the_old_scope_key_still_load() -> None:
+    p = torch.zeros(3, requires_grad=True)
+    opt = EmoSens([p], pulse="v37")
+    p.grad = torch.zeros(3)
+    opt.step(loss=1.0)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["scope"] = 1.0  # as saved before lr became a plain multiplier
+    fresh = EmoSens([torch.zeros(3, requires_grad=True)], pulse="v37")
+    fresh.load_state_dict(sd)
+    assert fresh.get_effective_lr() == opt.get_effective_lr()
+
+
+def test_bad_pulse_raises_a_clear_error() -> None:
+    with pytest.raises(
+        ValueError, match=r"Invalid pulse: 'fast' \(expected one of distance, v37\)"
+    ):
+        EmoCats([torch.zeros(2, requires_grad=True)], pulse="fast")
