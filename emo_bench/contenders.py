@@ -43,16 +43,12 @@ ADAMW_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 """The AdamW learning-rate sweep (weight decay 0.01); "tuned AdamW" is the best per workload."""
 ADAMW_DEFAULT_LR = 1e-3
 
-EMO_VARIANTS: tuple[tuple[type[EmoOptimizer], dict[str, Any]], ...] = (
-    (EmoSens, {}),
-    (EmoAiry, {}),
-    (EmoCats, {}),
-    (EmoSens, {"pulse": "v37"}),
-    (EmoAiry, {"pulse": "v37"}),
-    (EmoCats, {"pulse": "v37"}),
+EMO_VARIANTS: tuple[tuple[type[EmoOptimizer], dict[str, Any]], ...] = tuple(
+    (cls, {"pulse": pulse}) for pulse in ("v37", "distance") for cls in (EmoSens, EmoAiry, EmoCats)
 )
-"""Emo rows: ``(class, extra kwargs)`` on top of ``lr=1.0``; kwargs the class does not accept
-drop the row (see :func:`emo_contenders`)."""
+"""Emo rows: ``(class, extra kwargs)`` on top of ``lr=1.0``, one per pulse controller (each
+named explicitly, so a row means the same whichever is the default); kwargs the class does not
+accept drop the row (see :func:`emo_contenders`)."""
 
 
 @dataclass(frozen=True)

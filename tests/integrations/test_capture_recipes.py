@@ -189,7 +189,10 @@ def test_trl_sft_trainer_takes_optim_emosens_in_its_own_config(tmp_path: Path) -
         pass
 
     assert MyConfig(optim="EmoAiry", use_cpu=True, **common).optim == "emoairy"
-    with pytest.raises(ValueError, match="Invalid optim: 'emosense'. Emo optimizers"):
+    with pytest.raises(
+        ValueError,
+        match="Invalid optim: 'emosense' \\(did you mean 'emosens'\\?\\). Emo optimizers",
+    ):
         EmoSFTConfig(optim="emosense", use_cpu=True, **common)
 
 
