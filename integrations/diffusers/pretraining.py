@@ -104,6 +104,7 @@ def ensure_pretrained_base(
     cache_dir: str | Path,
     directory: str | Path | None = None,
     log=print,
+    progress: bool = False,
 ) -> tuple[Path, bool]:
     """``(base directory, built now?)``: reuse the cached base of ``spec`` or pretrain it.
 
@@ -133,7 +134,7 @@ def ensure_pretrained_base(
         f"({spec.steps} steps, once) -> {target}"
     )
     start = time.perf_counter()
-    model, losses = pretrain(spec, latents, labels)
+    model, losses = pretrain(spec, latents, labels, progress=progress)
     seconds = time.perf_counter() - start
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -153,9 +154,12 @@ def ensure_pretrained_base(
     return target, True
 
 
-def pretrain(spec: PretrainSpec, latents: Tensor, labels: Tensor) -> tuple[FlowModel, list[float]]:
+def pretrain(
+    spec: PretrainSpec, latents: Tensor, labels: Tensor, progress: bool = False
+) -> tuple[FlowModel, list[float]]:
     """Train a seeded transformer + conditioner on ``spec.classes`` (fp32); returns it and losses."""
     from diffusers import FlowMatchEulerDiscreteScheduler
+    from tqdm.auto import tqdm
 
     keep = torch.isin(labels, torch.tensor(spec.classes, device=labels.device))
     x_all, y_all = latents[keep].float(), labels[keep]
@@ -184,7 +188,9 @@ def pretrain(spec: PretrainSpec, latents: Tensor, labels: Tensor) -> tuple[FlowM
     weighting = {"weighting_scheme": "logit_normal", **spec.weighting}
     scheme = weighting.pop("weighting_scheme")
     losses: list[float] = []
-    for _ in range(spec.steps):
+    for _ in tqdm(
+        range(spec.steps), desc=f"pretraining {spec.model_type} base", disable=not progress
+    ):
         index = torch.randint(
             len(y_all), (spec.batch_size,), generator=generator, device=y_all.device
         )
