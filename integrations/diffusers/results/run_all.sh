@@ -17,14 +17,12 @@ run() {
 }
 mkdir -p "$OUT"
 run sd3_emosens --optimizer emosens
+run sd3_adamw_1e-4 --optimizer adamw --learning_rate 1e-4
+run sd3_prodigy --optimizer prodigy
 run sd3_emoairy --optimizer emoairy
 run sd3_emocats --optimizer emocats
-run sd3_adamw_1e-4 --optimizer adamw --learning_rate 1e-4
-for lr in 3e-4 1e-3 3e-3; do run "sd3_adamw_$lr" --optimizer adamw --learning_rate "$lr"; done
-run sd3_prodigy --optimizer prodigy
 run sd3_emosens_nearest --optimizer emosens --no-stochastic_rounding
+for lr in 1e-3 3e-3 3e-4; do run "sd3_adamw_$lr" --optimizer adamw --learning_rate "$lr"; done
 R=integrations/diffusers/results
-$PY $R/compare.py "$OUT"/sd3_emosens "$OUT"/sd3_emoairy "$OUT"/sd3_emocats \
-  "$OUT"/sd3_adamw_1e-4 "$OUT"/sd3_adamw_3e-4 "$OUT"/sd3_adamw_1e-3 "$OUT"/sd3_adamw_3e-3 \
-  "$OUT"/sd3_prodigy "$OUT"/sd3_emosens_nearest \
+$PY $R/compare.py $(ls -d "$OUT"/sd3_*/ | sed 's:/$::') \
   --png "$R/sd3_bf16_optimizers.png" --md "$R/sd3_bf16_optimizers.md"
