@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ __all__ = [
     "class_names",
     "load_images",
 ]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
@@ -115,24 +118,32 @@ def class_names(train_data_dir: str | Path | None = None) -> tuple[str, ...]:
 
 
 def _folder(root: Path, resolution: int, channels: int) -> ImageSet:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     sources = _class_folders(root)
     mode = "L" if channels == 1 else "RGB"
-    images, labels = [], []
+    images, labels, skipped = [], [], 0
     for label, (_, folder) in enumerate(sources):
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            with Image.open(path) as img:
-                img = img.convert(mode).resize((resolution, resolution), Image.Resampling.BICUBIC)
-                data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+            try:
+                with Image.open(path) as img:
+                    img = img.convert(mode).resize(
+                        (resolution, resolution), Image.Resampling.BICUBIC
+                    )
+                    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                logger.warning("Skipping unreadable image %s: %s", path, err)
+                skipped += 1
+                continue
             images.append(data.reshape(resolution, resolution, channels).permute(2, 0, 1))
             labels.append(label)
     if not images:
+        unreadable = f" ({skipped} unreadable, skipped)" if skipped else ""
         raise ValueError(
-            f"Invalid train_data_dir: no images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r} "
-            "or its sub-folders"
+            f"Invalid train_data_dir: no readable images ({', '.join(IMAGE_SUFFIXES)}) in "
+            f"{str(root)!r} or its sub-folders{unreadable}"
         )
     stacked = torch.stack(images).float() / 127.5 - 1.0
     return ImageSet(stacked, torch.tensor(labels), tuple(name for name, _ in sources))

@@ -26,12 +26,14 @@ so ``--resume_from_checkpoint`` continues exactly where the saved run was.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,14 @@ from .checkpointing import (
     register_trainable_checkpointing,
     save_checkpoint,
 )
-from .conditioning import ClassConditioner, save_conditioner
+from .conditioning import (
+    CONDITIONER_WEIGHT_NAME,
+    ClassConditioner,
+    load_conditioner,
+    save_conditioner,
+)
 from .data import BatchOrder, ImageSet, PixelCodec, class_names, load_images
+from .evaluation import evaluate_samples, save_comparison
 from .flow_matching import (
     WEIGHTING_SCHEMES,
     add_noise,
@@ -60,10 +68,23 @@ from .flow_matching import (
     velocity_target,
 )
 from .history import TrainHistory
+from .judge import load_or_train_judge
 from .lora import DEFAULT_TARGET_MODULES, add_lora, save_lora
 from .models import MODEL_TYPES, TINY_CONFIGS, FlowModel, build_base_model, load_transformer
-from .optimizers import OPTIMIZERS, build_optimizer, effective_lr
-from .sampling import sample_images, save_grid
+from .optimizers import (
+    OPTIMIZERS,
+    build_optimizer,
+    effective_lr,
+    optimizer_state_bytes,
+    parse_optimizer_args,
+)
+from .pretraining import (
+    PRETRAIN_INFO,
+    PretrainSpec,
+    data_fingerprint,
+    default_cache_dir,
+    ensure_pretrained_base,
+)
 
 __all__ = [
     "TrainingSetup",
@@ -97,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
-        help="Local diffusers transformer directory. Default: a tiny random-init "
-        "--model_type model, saved to --base_model_dir and loaded back.",
+        help="Local diffusers transformer directory (a class_conditioner.safetensors next to "
+        "its config.json is used too). Default: a tiny --model_type model pretrained here "
+        "on --pretrain_classes, cached in --cache_dir, loaded back with from_pretrained.",
     )
     g.add_argument("--model_type", default="sd3", choices=sorted(MODEL_TYPES))
     g.add_argument(
@@ -108,8 +130,35 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON (or a YAML mapping) of constructor arguments for the tiny base. "
         "Default: models.TINY_CONFIGS[model_type].",
     )
-    g.add_argument("--base_model_dir", default=None, help="Default: <output_dir>/base_model.")
+    g.add_argument(
+        "--base_model_dir",
+        default=None,
+        help="Where the tiny base is written. Default: <cache_dir>/base-<model_type>-<hash of "
+        "its settings> (reused while they are unchanged); <output_dir>/base_model with "
+        "--pretrain_steps 0.",
+    )
     g.add_argument("--base_seed", type=int, default=0, help="Seed of the base's random init.")
+    g.add_argument(
+        "--cache_dir",
+        default=None,
+        help="Cache of pretrained bases and the sample classifier. Default: "
+        "$EMO_DIFFUSERS_CACHE or ~/.cache/emo_diffusers.",
+    )
+    g.add_argument(
+        "--pretrain_steps",
+        type=int,
+        default=3000,
+        help="Full-model pretraining steps of the tiny base (fp32, AdamW, once, cached); "
+        "0: a random-init base.",
+    )
+    g.add_argument(
+        "--pretrain_classes",
+        default="",
+        help="Comma-separated class names the tiny base is pretrained on (a list in YAML); "
+        "empty: all. The shipped configs: 0-4.",
+    )
+    g.add_argument("--pretrain_learning_rate", type=float, default=1e-3)
+    g.add_argument("--pretrain_batch_size", type=int, default=32)
     g.add_argument(
         "--scheduler_shift", type=float, default=3.0, help="Flow-matching schedule shift."
     )
@@ -131,6 +180,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data")
     g.add_argument("--train_data_dir", default=None, help="Image folder; default sklearn digits.")
+    g.add_argument(
+        "--train_classes",
+        default="",
+        help="Comma-separated class names the LoRA learns and is measured on (a list in "
+        "YAML); empty: all. The shipped configs: 5-9, which their base never saw.",
+    )
     g.add_argument("--resolution", type=int, default=16, help="Image size; latents are half.")
     g.add_argument("--train_batch_size", type=int, default=16)
     g = p.add_argument_group("flow matching")
@@ -147,6 +202,14 @@ def _parser() -> argparse.ArgumentParser:
         help="Default: 1.0 for Emo optimizers and Prodigy (a multiplier), 1e-4 for AdamW.",
     )
     g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument(
+        "--optimizer_args",
+        nargs="*",
+        default=None,
+        metavar="KEY=VALUE",
+        help='Further optimizer keywords, kohya style: --optimizer_args "max_lr=3e-3" '
+        '"use_shadow=True" (a mapping in YAML); type-checked against the optimizer.',
+    )
     g.add_argument(
         "--stochastic_rounding",
         action=argparse.BooleanOptionalAction,
@@ -168,7 +231,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
     g.add_argument("--logging_steps", type=int, default=1, help="Loss/LR readout cadence.")
-    g.add_argument("--samples_per_class", type=int, default=4)
+    g.add_argument("--samples_per_class", type=int, default=4, help="Rows of samples.png.")
+    g.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Label base and base+LoRA samples of --train_classes with a small classifier "
+        "(trained once, cached) and write sample_accuracy_base/_lora to metrics.json.",
+    )
+    g.add_argument("--eval_samples_per_class", type=int, default=20)
     g.add_argument("--num_inference_steps", type=int, default=20)
     g.add_argument("--disable_progress_bar", action="store_true")
     return p
@@ -184,17 +255,27 @@ def _load_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     data = yaml.safe_load(config_path.read_text()) or {}
     if not isinstance(data, dict):
         parser.error(f"--config {path!r}: expected a mapping of flag names to values")
-    actions = {a.dest: a for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     for key, value in data.items():
         action = actions.get(key)
-        if action is None or key in ("help", "config"):
-            parser.error(f"--config {path!r}: unknown key {key!r} (keys are the flag names)")
+        if action is None:
+            close = difflib.get_close_matches(str(key), list(actions), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (keys are the flag names)"
+            parser.error(f"--config {path!r}: unknown key {key!r}{hint}")
         if isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction) and (
             not isinstance(value, bool)
         ):
             parser.error(f"--config {path!r}: {key} must be true or false, got {value!r}")
-    if isinstance(data.get("lora_layers"), list):  # a YAML list of module names
-        data["lora_layers"] = ",".join(map(str, data["lora_layers"]))
+    for key in ("lora_layers", "pretrain_classes", "train_classes"):
+        if isinstance(data.get(key), list):  # a YAML list of names
+            data[key] = ",".join(map(str, data[key]))
+    if data.get("optimizer_args") is not None and not isinstance(
+        data["optimizer_args"], dict | list
+    ):
+        parser.error(
+            f"--config {path!r}: optimizer_args must be a mapping (max_lr: 3.0e-3) or a list "
+            "of key=value strings"
+        )
     return data
 
 
@@ -224,7 +305,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resolution must be an even number >= 2, got {args.resolution}")
     if args.transformer_config is not None and not isinstance(args.transformer_config, dict):
         parser.error("--transformer_config must be a JSON object / YAML mapping")
+    for name in ("pretrain_batch_size", "eval_samples_per_class"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.pretrain_steps < 0:
+        parser.error(f"--pretrain_steps must be >= 0, got {args.pretrain_steps}")
+    try:
+        parse_optimizer_args(args.optimizer, args.optimizer_args)
+        names = class_names(args.train_data_dir)
+        class_indices(args.train_classes, names, "train_classes")
+        if args.pretrained_model_name_or_path is None:
+            class_indices(args.pretrain_classes, names, "pretrain_classes")
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def class_indices(text: str | None, names: Sequence[str], option: str) -> list[int]:
+    """Label indices of comma-separated class ``names`` (empty: all classes)."""
+    wanted = [n.strip() for n in (text or "").split(",") if n.strip()]
+    if not wanted:
+        return list(range(len(names)))
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise ValueError(
+            f"Invalid {option}: {', '.join(unknown)} not among the data's classes "
+            f"({', '.join(names)})"
+        )
+    return [list(names).index(n) for n in wanted]
 
 
 # ------------------------------------------------------------------------------ build
@@ -238,7 +346,7 @@ class TrainingSetup:
     optimizer: Any
     lr_scheduler: Any
     trainable: list[Tensor]
-    latents: Tensor
+    latents: Tensor  # the LoRA's training set: images of --train_classes
     labels: Tensor
     num_classes: int
     order: BatchOrder
@@ -246,6 +354,10 @@ class TrainingSetup:
     scheduler_config: dict[str, Any]
     model_type: str
     history: TrainHistory
+    images: ImageSet | None = None  # every class (the sample classifier learns from it)
+    train_classes: list[int] = field(default_factory=list)
+    base_conditioner: dict[str, Tensor] = field(default_factory=dict)  # as loaded
+    base_info: dict[str, Any] = field(default_factory=dict)  # where the base came from
 
     @property
     def emo(self):
@@ -273,33 +385,17 @@ def weight_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
 
 
-def build_model(args: argparse.Namespace, num_classes: int, accelerator=None) -> FlowModel:
-    """Load the base transformer, add LoRA, attach a fresh class conditioner."""
-    dtype = weight_dtype(args)
-    path = args.pretrained_model_name_or_path
-    if path is None:
-        path = Path(args.base_model_dir or Path(args.output_dir) / "base_model")
-        config = args.transformer_config or TINY_CONFIGS[args.model_type]
-        if accelerator is None:
-            build_base_model(args.model_type, config, path, seed=args.base_seed)
-        else:
-            with accelerator.main_process_first():
-                build_base_model(args.model_type, config, path, seed=args.base_seed)
-    model_type, transformer = load_transformer(path, dtype)
-    lora_layers = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
-    add_lora(transformer, args.rank, args.lora_alpha, lora_layers)
-    cfg = transformer.config
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        conditioner = ClassConditioner(
-            num_classes, args.num_tokens, cfg.joint_attention_dim, cfg.pooled_projection_dim
-        ).to(dtype)
-    conditioner.requires_grad_(args.train_conditioner)
-    return FlowModel(transformer, conditioner, model_type)
+def cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+
+def _latent_channels(model_type: str, transformer_config: dict[str, Any]) -> int:
+    channels = int(transformer_config.get("in_channels", 4 if model_type == "sd3" else 64))
+    return channels // 4 if model_type == "flux" else channels
 
 
 def build_data(args: argparse.Namespace, latent_channels: int) -> tuple[ImageSet, Tensor]:
-    """The training images and their latents (``PixelCodec``, fp32, on the CPU)."""
+    """The images of every class and their latents (``PixelCodec``, fp32, on the CPU)."""
     codec = PixelCodec()
     images = load_images(
         args.resolution, codec.image_channels(latent_channels), args.train_data_dir
@@ -307,16 +403,115 @@ def build_data(args: argparse.Namespace, latent_channels: int) -> tuple[ImageSet
     return images, codec.encode(images.images)
 
 
+def prepare_base(
+    args: argparse.Namespace, accelerator=None
+) -> tuple[Path, ImageSet, Tensor, dict[str, Any]]:
+    """``(base directory, images, latents, info)``: the given base, or the tiny one.
+
+    The tiny base is pretrained on ``--pretrain_classes`` once and cached by a hash of its
+    settings (``pretraining.py``); with ``--pretrain_steps 0`` it is random-init.
+    """
+    if args.pretrained_model_name_or_path is not None:
+        path = Path(args.pretrained_model_name_or_path)
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        model_type = {v: k for k, v in MODEL_TYPES.items()}.get(config.get("_class_name"), "sd3")
+        images, latents = build_data(args, _latent_channels(model_type, config))
+        return path, images, latents, {"base": str(path), "pretrained_here": False}
+    config = args.transformer_config or TINY_CONFIGS[args.model_type]
+    images, latents = build_data(args, _latent_channels(args.model_type, config))
+    first = accelerator.main_process_first() if accelerator else contextlib.nullcontext()
+    if args.pretrain_steps == 0:
+        path = Path(args.base_model_dir or Path(args.output_dir) / "base_model")
+        with first:
+            build_base_model(args.model_type, config, path, seed=args.base_seed)
+        return path, images, latents, {"base": str(path), "pretrained_here": False}
+    spec = PretrainSpec(
+        model_type=args.model_type,
+        transformer_config=config,
+        num_classes=images.num_classes,
+        num_tokens=args.num_tokens,
+        classes=tuple(class_indices(args.pretrain_classes, images.class_names, "pretrain_classes")),
+        steps=args.pretrain_steps,
+        learning_rate=args.pretrain_learning_rate,
+        batch_size=args.pretrain_batch_size,
+        seed=args.base_seed,
+        scheduler_shift=args.scheduler_shift,
+        weighting={
+            "weighting_scheme": args.weighting_scheme,
+            "logit_mean": args.logit_mean,
+            "logit_std": args.logit_std,
+            "mode_scale": args.mode_scale,
+        },
+        data=data_fingerprint(images.images, images.labels),
+    )
+    with first:
+        path, built = ensure_pretrained_base(
+            spec,
+            latents,
+            images.labels,
+            cache_dir(args),
+            args.base_model_dir,
+            progress=not args.disable_progress_bar
+            and (accelerator is None or accelerator.is_local_main_process),
+        )
+    info = json.loads((path / PRETRAIN_INFO).read_text())
+    return (
+        path,
+        images,
+        latents,
+        {
+            "base": str(path),
+            "pretrained_here": built,
+            "pretrain_seconds": info["seconds"] if built else 0.0,
+            "pretrain_final_loss": info["final_loss"],
+            "pretrain_classes": [images.class_names[i] for i in spec.classes],
+        },
+    )
+
+
+def build_model(args: argparse.Namespace, path: Path, num_classes: int) -> FlowModel:
+    """Load the base transformer (and its class conditioner, if saved), add LoRA."""
+    dtype = weight_dtype(args)
+    model_type, transformer = load_transformer(path, dtype)
+    lora_layers = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+    add_lora(transformer, args.rank, args.lora_alpha, lora_layers)
+    cfg = transformer.config
+    conditioner = None
+    if (path / CONDITIONER_WEIGHT_NAME).is_file():
+        conditioner = load_conditioner(path)
+        if conditioner.num_classes != num_classes or conditioner.num_tokens != args.num_tokens:
+            raise ValueError(
+                f"Invalid pretrained_model_name_or_path: its {CONDITIONER_WEIGHT_NAME} has "
+                f"{conditioner.num_classes} classes x {conditioner.num_tokens} tokens, the data "
+                f"{num_classes} classes and --num_tokens {args.num_tokens}"
+            )
+    if conditioner is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            conditioner = ClassConditioner(
+                num_classes, args.num_tokens, cfg.joint_attention_dim, cfg.pooled_projection_dim
+            )
+    conditioner = conditioner.to(dtype)
+    conditioner.requires_grad_(args.train_conditioner)
+    return FlowModel(transformer, conditioner, model_type)
+
+
 def build_training(args: argparse.Namespace) -> TrainingSetup:
-    """Accelerator, model, data, optimizer and LR schedule, prepared (``train`` resumes)."""
+    """Accelerator, base, model, data, optimizer and LR schedule, prepared (``train`` resumes)."""
     from accelerate.utils import set_seed
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
 
     accelerator = build_accelerator(args)
     set_seed(args.seed)
-    model = build_model(args, len(class_names(args.train_data_dir)), accelerator)
-    images, latents = build_data(args, model.latent_channels)
+    path, images, latents, base_info = prepare_base(args, accelerator)
+    model = build_model(args, path, images.num_classes)
+    base_conditioner = {k: v.detach().clone() for k, v in model.conditioner.state_dict().items()}
+    train_classes = class_indices(args.train_classes, images.class_names, "train_classes")
+    keep = torch.isin(images.labels, torch.tensor(train_classes))
+    if not keep.any():
+        raise ValueError(f"Invalid train_classes: no images of {args.train_classes!r}")
     noise_scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=args.scheduler_shift
     )
@@ -327,6 +522,7 @@ def build_training(args: argparse.Namespace) -> TrainingSetup:
         lr=args.learning_rate,
         weight_decay=args.weight_decay,
         stochastic_rounding=args.stochastic_rounding,
+        optimizer_args=args.optimizer_args,
     )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -346,14 +542,18 @@ def build_training(args: argparse.Namespace) -> TrainingSetup:
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         trainable=trainable,
-        latents=latents.to(device),
-        labels=images.labels.to(device),
+        latents=latents[keep].to(device),
+        labels=images.labels[keep].to(device),
         num_classes=images.num_classes,
-        order=BatchOrder(len(images), args.train_batch_size, args.seed),
+        order=BatchOrder(int(keep.sum()), args.train_batch_size, args.seed),
         schedule_sigmas=noise_scheduler.sigmas.clone().to(device),
         scheduler_config=dict(noise_scheduler.config),
         model_type=accelerator.unwrap_model(model).model_type,
         history=history,
+        images=images,
+        train_classes=train_classes,
+        base_conditioner=base_conditioner,
+        base_info=base_info,
     )
 
 
@@ -435,6 +635,13 @@ def train(setup: TrainingSetup) -> dict[str, Any]:
         global_step = _checkpoint_step(checkpoint)
         load_checkpoint(accelerator, checkpoint)
         logger.info("Resumed from %s at step %d.", checkpoint, global_step)
+        if global_step >= args.max_train_steps:
+            if accelerator.is_main_process:
+                print(
+                    f"{checkpoint} is already at max_train_steps={args.max_train_steps}, "
+                    "nothing to do (raise --max_train_steps to train on)"
+                )
+            return {**setup.history.summary(), "nothing_to_do": True}
     if args.report_to != "none":
         accelerator.init_trackers("emo_lora_flow", config=_tracker_config(args))
 
@@ -471,8 +678,12 @@ def train(setup: TrainingSetup) -> dict[str, Any]:
     return setup.history.summary()
 
 
-def save_outputs(setup: TrainingSetup) -> dict[str, Path]:
-    """LoRA + conditioner weights, sample grid, loss/LR curve and its data (main process only)."""
+def save_outputs(setup: TrainingSetup) -> tuple[dict[str, Path], dict[str, Any]]:
+    """LoRA + conditioner weights, base vs LoRA samples, loss/LR curve (main process only).
+
+    Returns the paths and the evaluation metrics (``sample_accuracy_base``/``_lora`` with
+    ``--evaluate``).
+    """
     args, accelerator = setup.args, setup.accelerator
     output_dir = Path(args.output_dir)
     model: FlowModel = accelerator.unwrap_model(setup.model)
@@ -480,51 +691,104 @@ def save_outputs(setup: TrainingSetup) -> dict[str, Path]:
         "lora": save_lora(model.transformer, setup.model_type, output_dir),
         "conditioner": save_conditioner(model.conditioner, output_dir),
     }
-    # One column per class, samples_per_class rows.
-    labels = torch.arange(setup.num_classes, device=accelerator.device)
-    labels = labels.repeat(args.samples_per_class)
-    with accelerator.autocast():
-        images = sample_images(
-            model,
-            setup.scheduler_config,
-            labels,
-            args.resolution // 2,
-            num_inference_steps=args.num_inference_steps,
-            seed=args.seed,
+    judge = None
+    metrics: dict[str, Any] = {}
+    if args.evaluate:
+        images = setup.images
+        judge = load_or_train_judge(
+            images.images, images.labels, images.num_classes, cache_dir(args), seed=args.seed
         )
-    paths["samples"] = save_grid(images, output_dir / "samples.png", setup.num_classes)
+        metrics["classifier_heldout_accuracy"] = judge.heldout_accuracy
+    per_class = max(args.samples_per_class, args.eval_samples_per_class if judge else 0)
+    samples = evaluate_samples(
+        model,
+        setup.base_conditioner,
+        setup.train_classes,
+        setup.scheduler_config,
+        args.resolution // 2,
+        samples_per_class=per_class,
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed,
+        judge=judge,
+        autocast=accelerator.autocast,
+    )
+    metrics.update({k: v for k, v in samples.items() if k.startswith("sample_accuracy")})
+    names = [setup.images.class_names[i] for i in setup.train_classes]
+    paths["samples"] = save_comparison(
+        samples["base"],
+        samples["lora"],
+        names,
+        output_dir / "samples.png",
+        rows=args.samples_per_class,
+    )
     title = f"{setup.model_type} LoRA, {args.optimizer}, {args.mixed_precision}"
     paths["curve"] = setup.history.plot(output_dir / "loss_lr.png", title=title)
     paths["history"] = output_dir / "history.json"
     paths["history"].write_text(json.dumps(setup.history.state_dict()))
-    return paths
+    return paths, metrics
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train, save, and return the run's summary (also written to ``metrics.json``)."""
+    start = time.perf_counter()
     args = parse_args(argv)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     setup = build_training(args)
+    train_start = time.perf_counter()
     summary = train(setup)
     accelerator = setup.accelerator
+    metrics_file = output_dir / "metrics.json"
+    if summary.pop("nothing_to_do", False) and metrics_file.is_file():
+        accelerator.end_training()
+        return json.loads(metrics_file.read_text())
+    train_seconds = time.perf_counter() - train_start
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        paths = save_outputs(setup)
+        paths, evaluation = save_outputs(setup)
+        paths["metrics"] = metrics_file
         summary.update(
+            evaluation,
             optimizer=args.optimizer,
             learning_rate=args.learning_rate,
+            optimizer_args=parse_optimizer_args(args.optimizer, args.optimizer_args),
             stochastic_rounding=args.stochastic_rounding,
             mixed_precision=args.mixed_precision,
             model_type=setup.model_type,
+            train_classes=[setup.images.class_names[i] for i in setup.train_classes],
+            optimizer_state_bytes=optimizer_state_bytes(setup.optimizer),
+            train_seconds=train_seconds,
+            wall_time_s=time.perf_counter() - start,
+            **setup.base_info,
             files={k: str(v) for k, v in paths.items()},
         )
-        (Path(args.output_dir) / "metrics.json").write_text(json.dumps(summary, indent=2))
+        metrics_file.write_text(json.dumps(summary, indent=2, default=str))
+        print(f"Outputs in {output_dir}:")
+        for name, path in paths.items():
+            print(f"  {name:12s} {path}")
+        if "sample_accuracy_lora" in summary:
+            print(
+                f"sample accuracy on classes {', '.join(summary['train_classes'])}: base "
+                f"{summary['sample_accuracy_base']:.2f}, base + LoRA "
+                f"{summary['sample_accuracy_lora']:.2f}"
+            )
     accelerator.end_training()
     if not math.isfinite(summary["final_loss"]):
         logger.warning("The final loss is not finite: %s", summary["final_loss"])
     return summary
 
 
+def _cli() -> None:
+    """``python -m``: bad input is one line on stderr and exit status 2, not a traceback."""
+    import sys
+
+    try:
+        result = main()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"train_lora_flow: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps({k: v for k, v in result.items() if k != "files"}, indent=2, default=str))
+
+
 if __name__ == "__main__":
-    result = main()
-    print(json.dumps({k: v for k, v in result.items() if k != "files"}, indent=2))
+    _cli()

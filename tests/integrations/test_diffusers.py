@@ -47,7 +47,11 @@ def _fresh_accelerate_state():
 
 
 def _argv(model_type: str, out: Path, *extra: str) -> list[str]:
-    """A short run of the shipped config: small batches, few sampling steps, no TensorBoard."""
+    """A short run of the shipped config: small batches, few sampling steps, no TensorBoard.
+
+    A random-init base (``--pretrain_steps 0``, in ``<out>/base_model``) and no sample
+    classifier: the pretrained pipeline has its own tests (test_diffusers_pipeline.py).
+    """
     return [
         "--config",
         str(CONFIGS[model_type]),
@@ -66,6 +70,11 @@ def _argv(model_type: str, out: Path, *extra: str) -> list[str]:
         "--report_to",
         "none",
         "--disable_progress_bar",
+        "--pretrain_steps",
+        "0",
+        "--no-evaluate",
+        "--cache_dir",
+        str(out / ".cache"),
         *extra,
     ]
 
@@ -105,7 +114,10 @@ def test_unknown_optimizer_is_a_clear_error(capsys: pytest.CaptureFixture[str]) 
     ("yaml_text", "message"),
     [
         ("optimizer: sgd\n", "invalid choice: 'sgd'"),
-        ("learning_rat: 1.0\n", "unknown key 'learning_rat'"),
+        ("learning_rat: 1.0\n", "unknown key 'learning_rat'; did you mean 'learning_rate'?"),
+        ("optimizer_args: 3\n", "optimizer_args must be a mapping"),
+        ("optimizer_args: {max_lrr: 1.0e-3}\n", "'max_lrr' for EmoSens (did you mean 'max_lr'?)"),
+        ("train_classes: [5, 10]\n", "train_classes: 10 not among the data's classes"),
         ("stochastic_rounding: 'False'\n", "stochastic_rounding must be true or false"),
     ],
 )
@@ -129,7 +141,8 @@ def test_bf16_run_trains_only_lora_and_reloads(tmp_path: Path, model_type: str) 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     summary = train(setup)
-    paths = save_outputs(setup)
+    paths, evaluation = save_outputs(setup)
+    assert evaluation == {}  # --no-evaluate
     setup.accelerator.end_training()
 
     assert summary["steps"] == 20 and summary["all_finite"]
@@ -159,7 +172,7 @@ def test_bf16_run_trains_only_lora_and_reloads(tmp_path: Path, model_type: str) 
     mixin = SD3LoraLoaderMixin if model_type == "sd3" else FluxLoraLoaderMixin
     state, metadata = mixin.lora_state_dict(str(out), return_lora_metadata=True)
     assert len(state) == n_lora and all(k.startswith("transformer.") for k in state)
-    assert metadata["transformer.r"] == 4
+    assert metadata["transformer.r"] == 8  # the shipped configs' rank
 
     # A fresh base + the saved LoRA and conditioner reproduce the trained model.
     _, fresh = load_transformer(out / "base_model", torch.bfloat16)
@@ -173,7 +186,9 @@ def test_bf16_run_trains_only_lora_and_reloads(tmp_path: Path, model_type: str) 
 
 # 20 steps with a checkpoint at 10, resumed from it, against the uninterrupted 20 steps.
 @pytest.mark.parametrize(("precision", "steps"), [("no", 20), ("bf16", 20)])
-def test_resume_equals_uninterrupted_run(tmp_path: Path, precision: str, steps: int) -> None:
+def test_resume_equals_uninterrupted_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], precision: str, steps: int
+) -> None:
     half = str(steps // 2)
     common = ("--mixed_precision", precision, "--checkpointing_steps", half)
     argv = _argv("sd3", tmp_path, *common, "--max_train_steps", str(steps))
@@ -181,6 +196,13 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, precision: str, steps: 
     expected = _lora_tensors(tmp_path)
     checkpoint = load_file(tmp_path / f"checkpoint-{half}" / "trainable_0.safetensors")
     assert checkpoint and all("lora_" in k or k.startswith("conditioner.") for k in checkpoint)
+
+    finished = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()}
+    # Resuming the finished run: a message, the run's metrics, and no file rewritten.
+    again = main([*argv, "--resume_from_checkpoint", str(tmp_path / f"checkpoint-{steps}")])
+    assert "already at max_train_steps=20, nothing to do" in capsys.readouterr().out
+    assert again["final_loss"] == uninterrupted["final_loss"]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()} == finished
     shutil.rmtree(tmp_path / f"checkpoint-{steps}")
     for name in (LORA_WEIGHT_NAME, "class_conditioner.safetensors"):
         (tmp_path / name).unlink()
@@ -258,12 +280,16 @@ def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
             "3",
             "--mixed_precision",
             "no",
+            "--train_classes",
+            "",
         )
     )
     assert summary["all_finite"] and summary["steps"] == 3
     assert load_conditioner(out).num_classes == 2
-    with Image.open(out / "samples.png") as grid:  # 2 classes x 1 sample of 16 px, 1 px gaps, x4
-        assert grid.size == ((2 * 17 + 1) * 4, (1 * 17 + 1) * 4)
+    # base | base + LoRA, each 2 classes x 1 sample of 16 px, 1 px gaps, x4; 12 px between,
+    # a 28 px header of titles and class names.
+    with Image.open(out / "samples.png") as grid:
+        assert grid.size == (2 * (2 * 17 + 1) * 4 + 12, (1 * 17 + 1) * 4 + 28)
 
     assert not (out / "base_model").exists()  # the given base was used, none was built
     with pytest.raises(ValueError, match="base_model_dir.*num_layers"):  # never a silent reuse
@@ -271,7 +297,7 @@ def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="no readable images"):
         load_images(16, 1, empty)
     with pytest.raises(ValueError, match="pretrained_model_name_or_path.*config.json"):
         load_transformer(empty, torch.float32)
