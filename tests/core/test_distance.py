@@ -205,10 +205,32 @@ def test_resume_is_bitwise_exact(name: str) -> None:
     fresh.load_state_dict(saved["opt"])
     _train(fresh_model, fresh, range(15, 30))
     _assert_same(fresh_model.state_dict(), ref_model.state_dict())
-    _assert_same(
-        fresh.emo_state["emo_distance"], ref.emo_state["emo_distance"]
-    )
+    _assert_same(fresh.emo_state["emo_distance"], ref.emo_state["emo_distance"])
     assert fresh.get_effective_lr() == ref.get_effective_lr()
+
+
+CONTROLLER_CORRUPTIONS = {
+    "nan scale": (lambda d: d.update(d=torch.tensor(float("nan"), dtype=d["d"].dtype)), "'d'"),
+    "missing key": (lambda d: d.pop("num"), "lacks 'num'"),
+    "unknown key": (lambda d: d.update(extra=torch.zeros(())), "unknown entries"),
+    "short sample": (lambda d: d.update(s=d["s"][:-1]), "'s'"),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", list(CONTROLLER_CORRUPTIONS))
+def test_a_corrupt_controller_state_is_refused_and_changes_nothing(name: str, case: str) -> None:
+    model = small_model()
+    opt = OPTIMIZERS[name](model.parameters(), **DISTANCE)
+    _train(model, opt, range(5))
+    saved = copy.deepcopy(opt.state_dict())
+    corrupt, message = CONTROLLER_CORRUPTIONS[case]
+    corrupt(saved["param_groups"][0]["emo_state"]["emo_distance"])
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=f"Invalid state_dict: .*emo_distance.*{message}"):
+        opt.load_state_dict(saved)
+    _assert_same(opt.state_dict(), before)
+    _train(model, opt, range(5, 7))  # still steps
 
 
 def test_the_sample_is_bounded_and_state_is_about_zero_bytes_per_parameter() -> None:
