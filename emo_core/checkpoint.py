@@ -43,8 +43,10 @@ __all__ = [
     "find_latest_file",
     "mark_complete",
     "staging_path",
+    "NO_MANIFEST_WARNING",
     "verify_checkpoint",
     "verify_file",
+    "verify_resume_checkpoint",
 ]
 
 MANIFEST_NAME = "checkpoint_complete.json"
@@ -272,6 +274,29 @@ def verify_checkpoint(directory: str | Path, require_complete: bool = True) -> b
     for file in _files(directory):
         verify_file(file)
     return manifest is not None
+
+
+NO_MANIFEST_WARNING = (
+    "%s has no completion manifest (written by an older version, or its write was "
+    "interrupted); its files look whole, loading it."
+)
+"""Logged by the adapters (``logger.warning(NO_MANIFEST_WARNING, path)``) when an explicit
+resume path passes :func:`verify_resume_checkpoint` without a manifest."""
+
+
+def verify_resume_checkpoint(directory: str | Path) -> bool:
+    """:func:`verify_checkpoint` for a folder the user asked to resume from.
+
+    A damaged file raises ``CorruptCheckpointError`` naming it and the fix; a folder without
+    a manifest is accepted when its files are whole. Returns whether it had a manifest.
+    """
+    try:
+        return verify_checkpoint(directory, require_complete=False)
+    except CorruptCheckpointError as error:
+        raise CorruptCheckpointError(
+            f"Invalid resume_from_checkpoint: {error}. Resume from an earlier checkpoint "
+            "(or 'latest', which skips damaged ones)."
+        ) from None
 
 
 # ------------------------------------------------------------------------------ finding

@@ -24,11 +24,11 @@ from typing import Any
 from torch import nn
 
 from emo_core.checkpoint import (
-    CorruptCheckpointError,
+    NO_MANIFEST_WARNING,
     commit_directory,
     find_latest_checkpoint,
     staging_path,
-    verify_checkpoint,
+    verify_resume_checkpoint,
 )
 
 __all__ = [
@@ -137,17 +137,6 @@ def load_checkpoint(accelerator: Any, directory: str | Path) -> None:
     A damaged or cut-short file raises ``CorruptCheckpointError`` naming it, before
     anything is loaded.
     """
-    try:
-        complete = verify_checkpoint(directory, require_complete=False)
-    except CorruptCheckpointError as error:
-        raise CorruptCheckpointError(
-            f"Invalid resume_from_checkpoint: {error}. Resume from an earlier checkpoint "
-            "(or 'latest', which skips damaged ones)."
-        ) from None
-    if not complete:
-        logger.warning(
-            "%s has no completion manifest (written by an older version, or its write was "
-            "interrupted); its files look whole, loading it.",
-            directory,
-        )
+    if not verify_resume_checkpoint(directory):
+        logger.warning(NO_MANIFEST_WARNING, directory)
     accelerator.load_state(str(directory))

@@ -24,10 +24,10 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from emo_core.checkpoint import (
-    CorruptCheckpointError,
+    NO_MANIFEST_WARNING,
     find_latest_checkpoint,
     mark_complete,
-    verify_checkpoint,
+    verify_resume_checkpoint,
 )
 
 __all__ = ["CheckpointingMixin", "resolve_resume_checkpoint"]
@@ -66,19 +66,8 @@ def resolve_resume_checkpoint(
         path = Path(resume_from_checkpoint)
         if not path.is_dir():
             return str(path)  # transformers names the missing folder
-        try:
-            complete = verify_checkpoint(path, require_complete=False)
-        except CorruptCheckpointError as error:
-            raise CorruptCheckpointError(
-                f"Invalid resume_from_checkpoint: {error}. Resume from an earlier checkpoint "
-                "(or 'latest', which skips damaged ones)."
-            ) from None
-        if not complete:
-            logger.warning(
-                "%s has no completion manifest (written by an older version, or its write "
-                "was interrupted); its files look whole, loading it.",
-                path,
-            )
+        if not verify_resume_checkpoint(path):
+            logger.warning(NO_MANIFEST_WARNING, path)
     has_optimizer = any(p.name.startswith("optimizer") for p in path.iterdir())
     if not has_optimizer and not any(path.glob("global_step*")):  # DeepSpeed keeps its own
         logger.warning(_FRESH_OPTIMIZER_WARNING, path)
