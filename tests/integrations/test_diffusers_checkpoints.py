@@ -47,7 +47,7 @@ def _argv(out: Path, base: Path, steps: int, *extra: str) -> list[str]:
         "--config", str(CONFIG), "--output_dir", str(out), "--base_model_dir", str(base),
         "--max_train_steps", str(steps), "--train_batch_size", "4", "--mixed_precision", "no",
         "--samples_per_class", "1", "--num_inference_steps", "1", "--report_to", "none",
-        "--disable_progress_bar", *extra,
+        "--disable_progress_bar", "--pretrain_steps", "0", "--no-evaluate", *extra,
     ]  # fmt: skip
 
 
