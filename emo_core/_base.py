@@ -841,24 +841,6 @@ def _overflow_norm(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).max)
 
 
-def _restore(saved: dict[str, Any] | None, fresh: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Saved 0-dim/sample state onto ``fresh``'s device and dtypes; missing keys fresh."""
-    if saved is None:
-        return fresh
-    return {
-        key: saved[key]
-        .detach()
-        .to(
-            device=fresh[key].device,
-            dtype=fresh[key].dtype if fresh[key].is_floating_point() else None,
-            copy=True,
-        )
-        if key in saved
-        else fresh[key]
-        for key in fresh
-    }
-
-
 def _real(t: Tensor) -> Tensor:
     """Complex tensors are updated as pairs of reals."""
     return torch.view_as_real(t) if t.is_complex() else t

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_loss_", "local_shard", "mean_loss_over_ranks", "world_size"]
+__all__ = ["local_shard", "mean_loss_over_ranks", "world_size"]
 
 
 def world_size(process_group: object | None = None) -> int:
@@ -14,19 +14,6 @@ def world_size(process_group: object | None = None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)
-
-
-def all_reduce_loss_(loss: Tensor, process_group: object | None = None) -> Tensor:
-    """Replace ``loss`` in place by its mean over the process group and return it.
-
-    One 0-dim collective and no host sync; a no-op in a single process. A non-finite loss
-    on any rank makes the mean non-finite everywhere, so all ranks skip the step together.
-    """
-    size = world_size(process_group)
-    if size > 1:
-        dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=process_group)
-        loss.div_(size)
-    return loss
 
 
 def mean_loss_over_ranks(
