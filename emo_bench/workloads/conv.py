@@ -11,15 +11,13 @@ saturated accuracy.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn import functional as F
 
-from .base import Task, Workload
-from .digits import load_digits_split
+from .base import Workload
+from .digits import BATCH, DigitsTask
 
 __all__ = ["CONV"]
-
-BATCH = 64
 
 
 def conv_net() -> nn.Sequential:
@@ -37,19 +35,9 @@ def conv_net() -> nn.Sequential:
     )
 
 
-class ConvTask(Task):
-    def __init__(self, seed: int, device: torch.device) -> None:
-        torch.manual_seed(seed)
-        self.model = conv_net().to(device)
-        x_train, y_train, x_val, y_val = load_digits_split()
-        self.x_train, self.y_train = x_train.to(device), y_train.to(device)
-        self.x_val, self.y_val = x_val.to(device), y_val.to(device)
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def train_loss(self) -> Tensor:
-        idx = torch.randint(len(self.x_train), (BATCH,), generator=self.gen)
-        idx = idx.to(self.x_train.device)
-        return F.cross_entropy(self.model(self.x_train[idx]), self.y_train[idx])
+class ConvTask(DigitsTask):
+    def build_model(self) -> nn.Module:
+        return conv_net()
 
     @torch.no_grad()
     def evaluate(self) -> float:

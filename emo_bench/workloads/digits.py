@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from .base import Task, Workload
 
-__all__ = ["DIGITS", "load_digits_split"]
+__all__ = ["DIGITS", "DigitsTask", "load_digits_split"]
 
 BATCH = 64
 
@@ -34,11 +34,17 @@ def load_digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 class DigitsTask(Task):
+    """Digits classification on the fixed split, batches of ``BATCH`` drawn by the run seed;
+    subclasses choose the model (``build_model``) and the metric (``evaluate``)."""
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
     def __init__(self, seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
-        self.model = nn.Sequential(
-            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
-        ).to(device)
+        self.model = self.build_model().to(device)
         x_train, y_train, x_val, y_val = load_digits_split()
         self.x_train, self.y_train = x_train.to(device), y_train.to(device)
         self.x_val, self.y_val = x_val.to(device), y_val.to(device)
