@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -51,3 +52,24 @@ def set_random_grads(params: list[torch.Tensor], step: int, scale: float = 1.0) 
     gen = torch.Generator().manual_seed(1000 + step)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale
+
+
+def assert_same(a, b) -> None:
+    """Bitwise equality of nested state (tensors compared with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert (
+            torch.equal(a, b)
+            or (a.isnan() == b.isnan()).all()
+            and torch.equal(a.nan_to_num(), b.nan_to_num())
+        )
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b or re.fullmatch("nan", str(a)) and str(b) == "nan"

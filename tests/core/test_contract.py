@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import re
 import warnings
 
 import pytest
@@ -12,7 +11,14 @@ import torch
 from torch import nn
 
 from emo_core import EmoAiry, EmoCats, EmoSens, get_optimizer
-from tests.core.cases import NAMES, OPTIMIZERS, scripted_losses, set_random_grads, small_model
+from tests.core.cases import (
+    NAMES,
+    OPTIMIZERS,
+    assert_same,
+    scripted_losses,
+    set_random_grads,
+    small_model,
+)
 
 # --------------------------------------------------------------------------- errors
 BAD_ARGS = [
@@ -117,8 +123,8 @@ def test_bad_loss_raises_and_modifies_nothing(loss, error, pattern: str) -> None
     state_before = copy.deepcopy(opt.state_dict())
     with pytest.raises(error, match=pattern):
         opt.step(loss=loss)
-    _assert_same(model.state_dict(), params_before)
-    _assert_same(opt.state_dict(), state_before)
+    assert_same(model.state_dict(), params_before)
+    assert_same(opt.state_dict(), state_before)
 
 
 def test_closure_returning_none_warns_once_and_keeps_the_lr() -> None:
@@ -295,7 +301,7 @@ def test_sparse_gradients_are_rejected_and_change_nothing(name: str) -> None:
     ):
         opt.step(loss=1.0)
     assert torch.equal(dense, torch.ones(2))
-    _assert_same(opt.state_dict(), before)
+    assert_same(opt.state_dict(), before)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -335,13 +341,13 @@ def test_non_finite_step_changes_nothing_and_training_continues(
     params_before = copy.deepcopy(model.state_dict())
     state_before = copy.deepcopy(opt.state_dict())
     opt.step(loss=loss)
-    _assert_same(model.state_dict(), params_before)
+    assert_same(model.state_dict(), params_before)
     after = opt.state_dict()
     emo_after, emo_before = (sd["param_groups"][0]["emo_state"] for sd in (after, state_before))
     assert emo_after["emo_pulse"]["skipped"] == 1
     emo_after["emo_pulse"]["skipped"] = emo_before["emo_pulse"]["skipped"]
     emo_after["emo_meta"] = emo_before["emo_meta"]
-    _assert_same(after, state_before)
+    assert_same(after, state_before)
     set_random_grads(params, 4)
     opt.step(loss=0.4)
     assert opt.telemetry()["sensed_steps"] == 4
@@ -400,7 +406,7 @@ def test_exact_resume(name: str, round_trip: bool) -> None:
     fresh_opt = OPTIMIZERS[name](fresh_model.parameters(), use_shadow=True)
     fresh_opt.load_state_dict(opt_sd)
     _train(fresh_model, fresh_opt, range(20, 40))
-    _assert_same(fresh_model.state_dict(), ref_model.state_dict())
+    assert_same(fresh_model.state_dict(), ref_model.state_dict())
     assert fresh_opt.telemetry() == ref_opt.telemetry()
 
 
@@ -427,7 +433,7 @@ def test_state_dict_is_deterministic() -> None:
         sd = opt.state_dict()
         return sd
 
-    _assert_same(run(), run())
+    assert_same(run(), run())
 
 
 def test_writer_receives_the_documented_tags_every_log_every_steps() -> None:
@@ -460,24 +466,3 @@ def test_tensorboard_summary_writer(tmp_path) -> None:
         opt.step(loss=1.0)
     writer.close()
     assert any(f.name.startswith("events.out.tfevents") for f in tmp_path.iterdir())
-
-
-def _assert_same(a, b) -> None:
-    """Bitwise equality of nested state (tensors compared with torch.equal)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-        assert (
-            torch.equal(a, b)
-            or (a.isnan() == b.isnan()).all()
-            and torch.equal(a.nan_to_num(), b.nan_to_num())
-        )
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b or re.fullmatch("nan", str(a)) and str(b) == "nan"

@@ -15,6 +15,7 @@ from tests.core.cases import (
     ALL_IMPLS,
     NAMES,
     OPTIMIZERS,
+    assert_same,
     impl_id,
     scripted_losses,
     set_random_grads,
@@ -139,21 +140,6 @@ def test_step_makes_no_host_reads(case: tuple[str, dict]) -> None:
         assert sum(counts.values()) == 0, dict(counts)
 
 
-def _assert_same(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b
-
-
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bad", ["nan_loss", "nan_grad", "inf_grad"])
 def test_a_skipped_step_is_a_bitwise_no_op(name: str, bad: str) -> None:
@@ -169,13 +155,13 @@ def test_a_skipped_step_is_a_bitwise_no_op(name: str, bad: str) -> None:
     before_params = copy.deepcopy(model.state_dict())
     before = copy.deepcopy(opt.state_dict())
     opt.step(loss=float("nan") if bad == "nan_loss" else 0.3)
-    _assert_same(model.state_dict(), before_params)
+    assert_same(model.state_dict(), before_params)
     after = opt.state_dict()
     emo_after, emo_before = (sd["param_groups"][0]["emo_state"] for sd in (after, before))
     assert emo_after["emo_pulse"]["skipped"] == 1
     emo_after["emo_pulse"]["skipped"] = emo_before["emo_pulse"]["skipped"]
     emo_after["emo_meta"] = emo_before["emo_meta"]
-    _assert_same(after, before)
+    assert_same(after, before)
     assert "emo_distance" in emo_after
 
 
@@ -204,8 +190,8 @@ def test_resume_is_bitwise_exact(name: str) -> None:
     fresh = OPTIMIZERS[name](fresh_model.parameters(), **DISTANCE)
     fresh.load_state_dict(saved["opt"])
     _train(fresh_model, fresh, range(15, 30))
-    _assert_same(fresh_model.state_dict(), ref_model.state_dict())
-    _assert_same(fresh.emo_state["emo_distance"], ref.emo_state["emo_distance"])
+    assert_same(fresh_model.state_dict(), ref_model.state_dict())
+    assert_same(fresh.emo_state["emo_distance"], ref.emo_state["emo_distance"])
     assert fresh.get_effective_lr() == ref.get_effective_lr()
 
 
@@ -229,7 +215,7 @@ def test_a_corrupt_controller_state_is_refused_and_changes_nothing(name: str, ca
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=f"Invalid state_dict: .*emo_distance.*{message}"):
         opt.load_state_dict(saved)
-    _assert_same(opt.state_dict(), before)
+    assert_same(opt.state_dict(), before)
     _train(model, opt, range(5, 7))  # still steps
 
 
