@@ -185,9 +185,7 @@ def test_tuned_adamw_is_best_of_sweep_and_gaps_have_the_right_sign() -> None:
 @pytest.mark.slow
 def test_jobs_2_gives_the_same_results_as_jobs_1() -> None:
     chosen = [
-        c
-        for c in CONTENDERS
-        if c.name in ("EmoSens pulse=distance", "AdamW lr=0.003", "Prodigy")
+        c for c in CONTENDERS if c.name in ("EmoSens pulse=distance", "AdamW lr=0.003", "Prodigy")
     ]
     assert len(chosen) == 3
     kwargs = dict(seeds=[0, 1], steps=6, progress=False)

@@ -16,7 +16,9 @@ def _internal_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
             found.add(node.module.split(".")[0])
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("emo_core."):
+        elif (
+            isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("emo_core.")
+        ):
             found.add(node.module.split(".")[1])
     return found
 

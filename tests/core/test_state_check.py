@@ -18,8 +18,14 @@ import pytest
 import torch
 
 from emo_core import EmoAiry, EmoCats, EmoSens
-from tests.core.cases import NAMES, OPTIMIZERS, scripted_losses, set_random_grads, small_model
-from tests.core.test_contract import _assert_same
+from tests.core.cases import (
+    NAMES,
+    OPTIMIZERS,
+    assert_same,
+    scripted_losses,
+    set_random_grads,
+    small_model,
+)
 
 Corrupt = Callable[[dict, str], None]
 
@@ -166,8 +172,8 @@ def test_corrupt_checkpoint_file_is_refused_and_changes_nothing(
         ValueError, match="Invalid state_dict: .*" + pattern.replace("{key}", _first_key(name))
     ):
         opt.load_state_dict(_load_file(path))
-    _assert_same(model.state_dict(), before[0])
-    _assert_same(opt.state_dict(), before[1])
+    assert_same(model.state_dict(), before[0])
+    assert_same(opt.state_dict(), before[1])
     set_random_grads(list(model.parameters()), 9)
     opt.step(loss=0.3)  # still usable
     assert opt.telemetry()["sensed_steps"] == 3
@@ -214,7 +220,7 @@ def test_torch_adamw_state_is_refused_with_a_clear_error() -> None:
         ValueError, match=r"not written by an Emo optimizer.*AdamW.*load only the model"
     ):
         opt.load_state_dict(adamw.state_dict())
-    _assert_same(opt.state_dict(), before)
+    assert_same(opt.state_dict(), before)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -232,7 +238,7 @@ def test_format_1_state_dicts_keep_loading_and_resume_exactly(name: str) -> None
     for step, loss in list(enumerate(scripted_losses(8)))[4:]:
         set_random_grads(params, step)
         fresh.step(loss=loss)
-    _assert_same(fresh_model.state_dict(), ref_model.state_dict())
+    assert_same(fresh_model.state_dict(), ref_model.state_dict())
     assert fresh.telemetry() == ref_opt.telemetry()
 
 
@@ -250,7 +256,7 @@ def test_emoairy_step_saved_as_a_python_number_loads(as_type) -> None:
     for step, loss in list(enumerate(scripted_losses(6)))[3:]:
         set_random_grads(params, step)
         opt.step(loss=loss)
-    _assert_same(model.state_dict(), ref_model.state_dict())
+    assert_same(model.state_dict(), ref_model.state_dict())
 
 
 def test_bf16_parameters_keep_fp32_state_after_a_checked_load() -> None:

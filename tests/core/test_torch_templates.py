@@ -17,8 +17,14 @@ import pytest
 import torch
 
 from emo_core import EmoSens
-from tests.core.cases import NAMES, OPTIMIZERS, scripted_losses, set_random_grads, small_model
-from tests.core.test_contract import _assert_same
+from tests.core.cases import (
+    NAMES,
+    OPTIMIZERS,
+    assert_same,
+    scripted_losses,
+    set_random_grads,
+    small_model,
+)
 
 # Non-default settings per optimizer: every one must survive a copy.
 SETTINGS = {
@@ -72,10 +78,10 @@ def test_copies_keep_every_setting_and_continue_identically(name: str, make_copy
     twin = make_copy(opt)
     for attribute in ATTRIBUTES + (("fused",) if name == "emosens" else ()):
         assert getattr(twin, attribute) == getattr(opt, attribute), attribute
-    _assert_same(twin.state_dict(), opt.state_dict())
+    assert_same(twin.state_dict(), opt.state_dict())
     _train(opt, range(4, 8))
     _train(twin, range(4, 8))
-    _assert_same(twin.state_dict(), opt.state_dict())
+    assert_same(twin.state_dict(), opt.state_dict())
     for group, twin_group in zip(opt.param_groups, twin.param_groups):
         for p, q in zip(group["params"], twin_group["params"]):
             assert torch.equal(p, q)
@@ -216,7 +222,7 @@ def test_step_without_gradient_signal_leaves_parameters_bitwise(name: str, case:
         for p in params:
             p.grad = grad(p)
         opt.step(loss=1.0 / (step + 1))
-    _assert_same(model.state_dict(), before)
+    assert_same(model.state_dict(), before)
     opt.zero_grad()
     assert all(p.grad is None for p in params)
 
@@ -295,7 +301,7 @@ def test_dcp_state_creating_step_is_silent_and_changes_no_parameter(name: str) -
         warnings.simplefilter("error")
         _init_optim_state(opt)
     assert all(opt.state[p] for p in model.parameters())
-    _assert_same(model.state_dict(), before)
+    assert_same(model.state_dict(), before)
     set_random_grads(list(model.parameters()), 0)
     with pytest.warns(UserWarning, match="received no loss"):
         opt.step()

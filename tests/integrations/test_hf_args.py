@@ -62,8 +62,9 @@ def test_cli_parses_emo_optim_and_optim_args(tmp_path):
     assert parse_optim_args(args.optim_args, EmoCats) == {"use_shadow": True, "betas": (0.9, 0.99)}
 
 
-@pytest.mark.parametrize(("typo", "meant"), [("emosen", "emosens"), ("EmoCat", "emocats"),
-                                             ("adamw_torh", "adamw_torch")])
+@pytest.mark.parametrize(
+    ("typo", "meant"), [("emosen", "emosens"), ("EmoCat", "emocats"), ("adamw_torh", "adamw_torch")]
+)
 def test_cli_mistyped_optim_says_did_you_mean_and_exits_2(tmp_path, capsys, typo, meant):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--output_dir", str(tmp_path), "--optim", typo])
@@ -89,7 +90,9 @@ def test_no_suggestion_for_a_name_like_none(tmp_path):
 )
 def test_cli_bad_optim_args_name_the_flag_and_exit_2(tmp_path, capsys, optim_args, match):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--output_dir", str(tmp_path), "--optim", "emosens", "--optim_args", optim_args])
+        parse_args(
+            ["--output_dir", str(tmp_path), "--optim", "emosens", "--optim_args", optim_args]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search(r"error: argument --optim_args: Invalid .*" + match, err), err
@@ -126,7 +129,10 @@ def test_set_optimizer_accepts_emo_names(tmp_path):
         ("use_shadow='False'", r"expected bool"),
         ("betas=(0.9,)", r"expected tuple\[float, float\]"),
         ("max_lr=fast", r"max_lr='fast' for EmoSens: expected float"),
-        ("momentum=0.9", r"key 'momentum' for EmoSens; accepted keys: betas, capture_loss, compile_update, eps"),
+        (
+            "momentum=0.9",
+            r"key 'momentum' for EmoSens; accepted keys: betas, capture_loss, compile_update, eps",
+        ),
         ("lr=2.0", r"use learning_rate"),
         ("weight_decay=0.1", r"use weight_decay"),
         ("eps", r"expected key=value"),

@@ -31,7 +31,6 @@ TINY = [
 ]  # fmt: skip
 
 
-
 @pytest.mark.parametrize(
     ("optim", "optim_args"),
     [("emosens", None), ("emoairy", "clip_threshold=2.0"), ("emocats", "use_shadow=True")],

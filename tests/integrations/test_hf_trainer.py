@@ -22,7 +22,6 @@ from emo_hf.train import ModelArguments, build_model  # noqa: E402
 BLOCK = 32
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_byte_tokenizer()

@@ -33,7 +33,6 @@ from emo_lightning import EmoCallback, EmoLearningRateMonitor  # noqa: E402
 SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
 
 
-
 # ------------------------------------------------------------------------- helpers
 def regression_data(n: int, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
