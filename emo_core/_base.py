@@ -474,7 +474,7 @@ class EmoOptimizer(Optimizer):
                 updated["skipped"] = sensor["skipped"] + (~valid).to(sensor["skipped"].dtype)
             self.emo_state[SENSOR_STATE_KEY] = updated
             if sample is not None:
-                self._advance_distance(sample, valid if sensed is None else valid & sensed)
+                self._advance_distance(sample, loss_t, valid if sensed is None else valid & sensed)
         self._refresh_effective_lr()
         if valid is None:
             valid = torch.ones((), dtype=torch.bool, device=sensor["ema_long"].device)
@@ -602,13 +602,14 @@ class EmoOptimizer(Optimizer):
         sensor = self._sensor["ema_long"]
         return gather_sample(self._distance_plan(), self.param_groups, sensor.device)
 
-    def _advance_distance(self, sample: tuple[Tensor, Tensor], valid: Tensor) -> None:
+    def _advance_distance(self, sample: tuple[Tensor, Tensor], loss: Tensor, valid: Tensor) -> None:
         sensor = self._sensor
         state, lr = distance_update(
             self.emo_state[DISTANCE_STATE_KEY],
             *sample,
             self._plan["plan"].weights,
             sensor,
+            loss,
             valid,
             min_lr=self.min_lr,
             max_lr=self.max_lr,

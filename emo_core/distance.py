@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .distributed import local_shard
+from .settle import init_settle_state, settle_update
 
 __all__ = [
     "BETA3",
@@ -53,6 +54,10 @@ SAMPLE_DTYPE = torch.float32
 """dtype of the sampled vectors (the scalars use the sensor's dtype)."""
 ADAM_BETA1, ADAM_BETA2 = 0.9, 0.995
 """EmoSens's default betas, for the reference direction of sign/normalised updates."""
+GROWTH = 1.2
+"""``d`` grows by at most this factor per step (~x10 per 13 steps): the first estimates come
+from steps whose Adam moments are still stale and coherent, and a jump straight to them moves
+every coordinate the same way for several steps at full scale."""
 BRAKE_FLOOR = 0.1
 """The brake never cuts the LR by more than 10x: the sensor is relative to the loss level,
 so a loss near zero makes ordinary batch noise look like a spike."""
@@ -251,6 +256,7 @@ def init_distance_state(
     }
     if direction:
         state.update(m=vector(), v=vector(), k=torch.zeros((), dtype=dtype, device=device))
+    state.update(init_settle_state(device, dtype))
     return state
 
 
@@ -287,6 +293,7 @@ def distance_update(
     g: Tensor,
     weights: Tensor,
     sensor: dict[str, Tensor],
+    loss: Tensor,
     valid: Tensor,
     *,
     min_lr: float,
@@ -300,6 +307,7 @@ def distance_update(
         x, g: the sampled parameter and gradient values of this step (before the update).
         weights: parameters represented by each sampled coordinate.
         sensor: the loss sensor's state after this step (for :func:`brake`).
+        loss: the sensed loss of this step (for settling, ``settle.py``).
         valid: where False (skipped step) the state is returned unchanged.
         min_lr, max_lr: clamp of the base LR.
         direction_power: ``p`` in ``lr = d·ρ^p``, with ``ρ`` the RMS over the sample of the
@@ -317,7 +325,7 @@ def distance_update(
     s = torch.addcmul(BETA3 * state["s"], weighted_g, lam.to(g.dtype))  # kept weighted
     den = torch.linalg.vector_norm(s, 1).to(d.dtype)
     d_hat = num / torch.clamp(den, min=torch.finfo(den.dtype).tiny)  # 0 while den = 0
-    d_new = torch.clamp(torch.maximum(d, d_hat), max=max_lr)
+    d_new = torch.clamp(torch.maximum(d, torch.minimum(d_hat, d * GROWTH)), max=max_lr)
     out = {
         "d": torch.where(valid, d_new, d),
         "num": torch.where(valid, num, state["num"]),
@@ -333,5 +341,6 @@ def distance_update(
             out[key] = torch.lerp(state[key], value, (valid * (1 - beta)).to(g.dtype))
             out[key] = torch.where(valid, out[key], state[key])  # (nan-safe)
         scale = scale * adam_rms(out["m"], out["v"], out["k"], weights) ** direction_power
-    lr = torch.clamp(scale * brake(sensor), min=min_lr, max=max_lr)
+    out.update(settle_update(state, loss, valid))
+    lr = torch.clamp(scale * brake(sensor) * out["settle"], min=min_lr, max=max_lr)
     return out, lr

@@ -32,6 +32,7 @@ from torch import Tensor
 from ._validation import STATE_DTYPES
 from .distributed import local_shard
 from .precision import default_state_dtype
+from .settle import SETTLE_KEYS
 
 if TYPE_CHECKING:
     from ._base import EmoOptimizer
@@ -137,7 +138,7 @@ def checked_load(opt: EmoOptimizer, state_dict: Any) -> LoadPlan:
         template = opt._controller_template(key, saved) if isinstance(saved, Mapping) else None
         if template is None:
             _fail(f"the optimizer-wide entry {key!r} is not known to {type(opt).__name__}")
-        controller[key] = _checked_scalars(key, saved, template)
+        controller[key] = _checked_scalars(key, saved, template, SETTLE_KEYS)
     torch_groups = []
     for saved, checked in zip(saved_groups, groups):
         torch_groups.append({**checked, "params": list(saved["params"])})

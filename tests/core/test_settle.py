@@ -1,0 +1,125 @@
+"""Settling (emo_core/settle.py): the distance controller's loss-driven annealing factor.
+
+Driven with synthetic loss sequences (the factor is a function of the losses alone), then
+end to end through an optimizer: state round trip, old checkpoints without the entries, and
+an LR that anneals on a problem where only a smaller step helps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from emo_core import EmoAiry, EmoCats, EmoSens
+from emo_core.distance import D0, GROWTH
+from emo_core.settle import SETTLE_KEYS, init_settle_state, settle_update
+from tests.core.cases import assert_same
+
+F64 = torch.float64
+
+
+def run(losses: list[float], valid: list[bool] | None = None) -> list[float]:
+    """The settle factor after each loss."""
+    state = init_settle_state(torch.device("cpu"), F64)
+    out = []
+    for i, loss in enumerate(losses):
+        ok = torch.tensor(True if valid is None else valid[i])
+        state = settle_update(state, torch.tensor(loss, dtype=F64), ok)
+        out.append(float(state["settle"]))
+    return out
+
+
+def noisy(steps: int, trend, noise: float = 0.1, seed: int = 0) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(steps, generator=g, dtype=F64) * noise
+    return [trend(t) + float(e) for t, e in zip(range(1, steps + 1), eps)]
+
+
+def test_a_loss_that_keeps_falling_like_a_power_law_is_never_settled():
+    # a long run whose batch noise is ~1000x its per-step progress at the end (LLM-like):
+    # the gap between the windows grows with t like the fall, the noise on it like t^-1/2
+    losses = noisy(20_000, lambda t: 2.0 + 20.0 * t**-0.3, noise=0.1)
+    assert run(losses)[-1] > 0.9
+
+
+def test_a_flat_noisy_loss_settles_and_settles_faster_than_it_would_by_chance():
+    factors = run(noisy(2000, lambda t: 1.0, noise=0.1))
+    assert factors[99] == 1.0  # no decision before the warm-up
+    assert factors[-1] < 0.05
+    assert all(b <= a for a, b in zip(factors, factors[1:]))  # never grows
+
+
+def test_settling_stops_while_the_loss_falls_again():
+    # flat for 500 steps (settles), then a clear fall: the factor holds still
+    losses = noisy(500, lambda t: 1.0) + noisy(300, lambda t: 1.0 - 0.002 * t, seed=1)
+    factors = run(losses)
+    assert factors[499] < 0.5
+    assert factors[-1] > 0.95 * factors[560]
+
+
+@pytest.mark.parametrize("change", ["x 1e-6", "x 1e6", "- 10 (negative)"])
+def test_the_factor_does_not_depend_on_the_loss_scale_or_offset(change):
+    losses = noisy(1500, lambda t: 1.0 + 3.0 / math.sqrt(t))
+    changed = {
+        "x 1e-6": [1e-6 * v for v in losses],
+        "x 1e6": [1e6 * v for v in losses],
+        "- 10 (negative)": [v - 10.0 for v in losses],
+    }[change]
+    assert run(changed) == pytest.approx(run(losses), rel=1e-9)
+
+
+def test_an_invalid_step_changes_nothing():
+    state = init_settle_state(torch.device("cpu"), F64)
+    for loss in noisy(300, lambda t: 1.0):
+        state = settle_update(state, torch.tensor(loss, dtype=F64), torch.tensor(True))
+    after = settle_update(state, torch.tensor(float("nan"), dtype=F64), torch.tensor(False))
+    assert_same(after, state)
+
+
+def _noisy_quadratic_lr(cls, steps: int) -> list[float]:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.full((32,), 3.0))
+    opt = cls([w], lr=1.0, pulse="distance")
+    lrs = []
+    for _ in range(steps):
+        target = torch.randn(32)  # batch-1 noise: the minimum of the mean is w = 0
+        loss = 0.5 * ((w - target) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss)
+        lrs.append(opt.get_effective_lr()[0])
+    return lrs
+
+
+@pytest.mark.parametrize("cls", [EmoSens, EmoAiry, EmoCats])
+def test_on_a_noise_dominated_problem_the_lr_anneals(cls):
+    lrs = _noisy_quadratic_lr(cls, 1500)
+    assert lrs[-1] < 0.5 * max(lrs)
+
+
+def test_the_scale_grows_at_most_by_the_growth_limit_per_step():
+    lrs = _noisy_quadratic_lr(EmoSens, 40)
+    for k, lr in enumerate(lrs, start=1):
+        assert lr <= D0 * GROWTH**k * (1 + 1e-6)
+
+
+def test_a_state_dict_from_before_settling_loads_and_starts_it_fresh():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = EmoSens(model.parameters(), pulse="distance")
+    for _ in range(3):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss)
+    saved = opt.state_dict()
+    controller = saved["param_groups"][0]["emo_state"]["emo_distance"]
+    for key in SETTLE_KEYS:
+        controller.pop(key)
+    fresh = EmoSens(model.parameters(), pulse="distance")
+    fresh.load_state_dict(saved)
+    loaded = fresh.emo_state["emo_distance"]
+    assert float(loaded["settle"]) == 1.0 and float(loaded["n"]) == 0.0
+    assert torch.equal(loaded["d"], opt.emo_state["emo_distance"]["d"])
