@@ -42,8 +42,9 @@ def _color(name: str, family: str) -> str | None:
 
 
 def _style(r: QualityRow) -> str:
-    """Dashed: AdamW's default LR and Emo variants (e.g. the v3.7 pulse); solid otherwise."""
-    if r.role == "default" or (r.family == "emo" and " " in r.optimizer):
+    """Dashed: AdamW's default LR and the Emo rows on the faithful v3.7 pulse (so each Emo
+    optimizer's two pulses, drawn in its colour, stay apart); solid otherwise."""
+    if r.role == "default" or (r.family == "emo" and "pulse=v37" in r.optimizer):
         return "--"
     return "-"
 

@@ -5,8 +5,9 @@ sample of coordinates (at most :data:`SAMPLE_SIZE` of them, from at most
 :data:`SAMPLE_TENSORS` tensors) the controller keeps the starting point ``x0`` and an EMA
 ``s`` of weighted gradients, accumulates ``num = Σ λ·<g, x0 − x>`` and estimates the scale
 ``d̂ = num / ||s||₁`` (a lower bound on the ℓ∞ distance to a solution, as in
-D-Adaptation/Prodigy). ``d`` grows towards ``d̂`` (never shrinks) and the loss sensor's
-brake multiplies in: ``lr = clamp(d·brake(σ), min_lr, max_lr)``.
+D-Adaptation/Prodigy). ``d`` grows towards ``d̂`` (never shrinks, at most :data:`GROWTH`
+per step); the loss sensor's brake and the settling factor (``settle.py``: anneals while the
+loss is not significantly falling) multiply in: ``lr = clamp(d·brake(σ)·a, min_lr, max_lr)``.
 
 Everything is tensor math on 0-dim and sample-sized tensors: no host reads. Under
 ``torch.distributed`` the sampled values are reduced with the loss in one collective, so
@@ -31,11 +32,13 @@ __all__ = [
     "BRAKE_FLOOR",
     "adam_rms",
     "D0",
+    "GROWTH",
     "SAMPLE_SIZE",
     "SAMPLE_TENSORS",
     "SamplePlan",
     "brake",
     "distance_update",
+    "outlier_brake",
     "gather_sample",
     "init_distance_state",
     "plan_sample",
@@ -58,6 +61,8 @@ GROWTH = 1.2
 """``d`` grows by at most this factor per step (~x10 per 13 steps): the first estimates come
 from steps whose Adam moments are still stale and coherent, and a jump straight to them moves
 every coordinate the same way for several steps at full scale."""
+OUTLIER_Z = 6.0
+"""A loss this many noise standard deviations above its recent level is an outlier."""
 BRAKE_FLOOR = 0.1
 """The brake never cuts the LR by more than 10x: the sensor is relative to the loss level,
 so a loss near zero makes ordinary batch noise look like a spike."""
@@ -287,6 +292,25 @@ def brake(sensor: dict[str, Tensor]) -> Tensor:
     return torch.clamp(1.0 + torch.minimum(sensor["scalar"], fast), min=BRAKE_FLOOR, max=1.0)
 
 
+def outlier_brake(state: dict[str, Tensor], loss: Tensor) -> Tensor:
+    """A brake in [BRAKE_FLOOR, 1] for a loss far outside its recent noise, whatever the
+    trend: where the rise over settling's fast average exceeds :data:`OUTLIER_Z` noise
+    standard deviations, ``|level| / (|level| + rise)`` (a 10x spike: 0.1); 1 otherwise.
+
+    :func:`brake` compares EMAs, so on a loss that is still falling fast (its medium EMA far
+    above the current level) a one-step spike can hide inside the lag; this reads the step's
+    loss against the level just before it (settling's ``l_fast``, ``l_var``, not yet updated).
+    Only clear outliers count: braking ordinary high-loss batches would weight the easy
+    batches more than the hard ones (measured: a BatchNorm conv net then ends unstable).
+    """
+    level = state["l_fast"]
+    rise = loss - level
+    outlier = (state["n"] >= 10) & (rise > OUTLIER_Z * torch.sqrt(state["l_var"]))
+    b = level.abs() / torch.clamp(level.abs() + rise, min=1e-300)
+    b = torch.clamp(b, min=BRAKE_FLOOR, max=1.0)
+    return torch.where(outlier & torch.isfinite(b), b, torch.ones_like(b))
+
+
 def distance_update(
     state: dict[str, Tensor],
     x: Tensor,
@@ -316,6 +340,7 @@ def distance_update(
             A sign update (EmoCats) moves ``d`` whatever the noise: p = 1 moves it as far as
             EmoSens would. EmoAiry's unclipped ``g/√v̂`` lies between them: p = 0.5.
     """
+    jolt = outlier_brake(state, loss)
     x0 = torch.where(state["started"], state["x0"], x)
     d = state["d"]
     lam = d * d * (1.0 / D0)  # weights ∝ d²: later steps (at the found scale) dominate
@@ -336,11 +361,13 @@ def distance_update(
     scale = out["d"]
     if direction_power:
         out["k"] = state["k"] + valid.to(state["k"].dtype)
+        g = g * jolt.to(g.dtype)  # an outlier step's gradient counts at a normal size
         keep = {"m": (g, ADAM_BETA1), "v": (g * g, ADAM_BETA2)}
         for key, (value, beta) in keep.items():  # no step on a skipped step
             out[key] = torch.lerp(state[key], value, (valid * (1 - beta)).to(g.dtype))
             out[key] = torch.where(valid, out[key], state[key])  # (nan-safe)
         scale = scale * adam_rms(out["m"], out["v"], out["k"], weights) ** direction_power
     out.update(settle_update(state, loss, valid))
-    lr = torch.clamp(scale * brake(sensor) * out["settle"], min=min_lr, max=max_lr)
+    slow = torch.minimum(brake(sensor), jolt)
+    lr = torch.clamp(scale * slow * out["settle"], min=min_lr, max=max_lr)
     return out, lr

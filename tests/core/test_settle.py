@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from emo_core import EmoAiry, EmoCats, EmoSens
-from emo_core.distance import D0, GROWTH
+from emo_core.distance import D0, GROWTH, outlier_brake
 from emo_core.settle import SETTLE_KEYS, init_settle_state, settle_update
 from tests.core.cases import assert_same
 
@@ -123,3 +123,25 @@ def test_a_state_dict_from_before_settling_loads_and_starts_it_fresh():
     loaded = fresh.emo_state["emo_distance"]
     assert float(loaded["settle"]) == 1.0 and float(loaded["n"]) == 0.0
     assert torch.equal(loaded["d"], opt.emo_state["emo_distance"]["d"])
+
+
+def _state_after(losses: list[float]) -> dict:
+    state = init_settle_state(torch.device("cpu"), F64)
+    for loss in losses:
+        state = settle_update(state, torch.tensor(loss, dtype=F64), torch.tensor(True))
+    return state
+
+
+def test_a_spike_is_braked_even_while_the_loss_falls_fast_and_ordinary_batches_are_not():
+    # a loss halving every 30 steps: the EMA brake's medium average lags far above it
+    losses = noisy(90, lambda t: 2.0 * 0.5 ** (t / 30), noise=0.01)
+    state = _state_after(losses)
+    level = float(state["l_fast"])
+    assert float(outlier_brake(state, torch.tensor(10 * level, dtype=F64))) < 0.12
+    noise = math.sqrt(float(state["l_var"]))
+    ordinary = torch.tensor(level + 3 * noise, dtype=F64)
+    assert float(outlier_brake(state, ordinary)) == 1.0
+    # negative losses: a rise is still a rise
+    shifted = _state_after([v - 10.0 for v in losses])
+    spike = torch.tensor(float(shifted["l_fast"]) + 9 * abs(level), dtype=F64)
+    assert float(outlier_brake(shifted, spike)) < 1.0
