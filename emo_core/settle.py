@@ -71,8 +71,9 @@ def settle_update(state: dict[str, Tensor], loss: Tensor, valid: Tensor) -> dict
     """
     n = state["n"] + 1
     slow_horizon = torch.clamp(n * HORIZON_FRACTION, min=HORIZON_MIN)
-    a_slow = torch.clamp(1.0 / slow_horizon, min=1.0 / n)  # a running mean while n is small
-    a_fast = torch.clamp(FAST_RATIO / slow_horizon, min=1.0 / n, max=1.0)
+    # running means while n is small (tensor bounds via maximum: clamp would read them)
+    a_slow = torch.maximum(1.0 / slow_horizon, 1.0 / n)
+    a_fast = torch.clamp(torch.maximum(FAST_RATIO / slow_horizon, 1.0 / n), max=1.0)
     dev = loss - state["l_fast"]
     l_var = torch.lerp(state["l_var"], dev * dev, a_fast)
     l_var = torch.where(n == 1, torch.zeros_like(l_var), l_var)  # no deviation yet
