@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -73,3 +74,25 @@ def assert_same(a, b) -> None:
             assert_same(x, y)
     else:
         assert a == b or re.fullmatch("nan", str(a)) and str(b) == "nan"
+
+
+SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
+"""The loss-sensor values of ``telemetry()`` that must match when the same losses are sensed."""
+
+
+def reference_sensor(losses: list[float]) -> dict[str, float]:
+    """The sensor of a fresh Emo optimizer fed exactly ``losses``, one per step."""
+    p = nn.Parameter(torch.zeros(1))
+    ref = EmoSens([p])
+    for loss in losses:
+        p.grad = torch.zeros(1)
+        ref.step(loss=loss)
+    return ref.telemetry()
+
+
+def assert_sensed_as_fed(opt, losses: list[float], *, rtol: float, atol: float) -> None:
+    """``opt`` sensed exactly ``losses``: its sensor equals one fed them explicitly."""
+    got, want = opt.telemetry(), reference_sensor(losses)
+    assert got["sensed_steps"] == len(losses)
+    for key in SENSOR_KEYS:
+        assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol), key

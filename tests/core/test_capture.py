@@ -11,6 +11,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 import torch
@@ -18,10 +19,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from emo_core import EmoAiry, EmoCats, EmoSens, capture
-from tests.core.cases import OPTIMIZERS
+from tests.core.cases import OPTIMIZERS, assert_sensed_as_fed
 from tests.core.test_no_sync import count_host_reads
 
-SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
 ORIGINAL_BACKWARD = torch.autograd.backward
 ORIGINAL_SCALE = torch.amp.GradScaler.scale
 
@@ -36,21 +36,7 @@ def _nothing_left_installed() -> Iterator[None]:
     assert torch.amp.GradScaler.scale is ORIGINAL_SCALE
 
 
-def reference_sensor(losses: list[float]) -> dict[str, float]:
-    """The sensor of a fresh Emo optimizer fed exactly ``losses``, one per step."""
-    p = nn.Parameter(torch.zeros(1))
-    ref = EmoSens([p])
-    for loss in losses:
-        p.grad = torch.zeros(1)
-        ref.step(loss=loss)
-    return ref.telemetry()
-
-
-def assert_sensed(opt: torch.optim.Optimizer, losses: list[float], rtol: float = 1e-6) -> None:
-    got, want = opt.telemetry(), reference_sensor(losses)
-    assert got["sensed_steps"] == len(losses)
-    for key in SENSOR_KEYS:
-        assert got[key] == pytest.approx(want[key], rel=rtol, abs=1e-12), key
+assert_sensed = partial(assert_sensed_as_fed, rtol=1e-6, atol=1e-12)
 
 
 def regression(seed: int = 0) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from emo_core import EmoCats, EmoSens, capture, unwrap
-
-SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
+from tests.core.cases import assert_sensed_as_fed
 
 
 @pytest.fixture(autouse=True)
@@ -29,20 +29,7 @@ def _no_capture_left() -> Any:
     assert not capture.capture_installed(), "a recipe left a capturing optimizer open"
 
 
-def reference_sensor(losses: list[float]) -> dict[str, float]:
-    p = nn.Parameter(torch.zeros(1))
-    ref = EmoSens([p])
-    for loss in losses:
-        p.grad = torch.zeros(1)
-        ref.step(loss=loss)
-    return ref.telemetry()
-
-
-def assert_sensed(opt: Any, losses: list[float], rtol: float = 1e-5) -> None:
-    got, want = opt.telemetry(), reference_sensor(losses)
-    assert got["sensed_steps"] == len(losses)
-    for key in SENSOR_KEYS:
-        assert got[key] == pytest.approx(want[key], rel=rtol, abs=1e-9), key
+assert_sensed = partial(assert_sensed_as_fed, rtol=1e-5, atol=1e-9)
 
 
 def regression_data(n: int, seed: int = 0) -> TensorDataset:

@@ -13,6 +13,7 @@ import math
 import sys
 import warnings
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from tests.core.cases import assert_sensed_as_fed
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -29,8 +32,6 @@ from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from emo_core import EmoAiry, EmoCats, EmoSens  # noqa: E402
 from emo_lightning import EmoCallback, EmoLearningRateMonitor  # noqa: E402
-
-SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
 
 
 # ------------------------------------------------------------------------- helpers
@@ -80,21 +81,7 @@ def window_means(recorded: list[tuple[int, int, float]], n: int) -> list[float]:
     return [math.fsum(v) / len(v) for _, v in sorted(windows.items())]
 
 
-def reference_sensor(losses: list[float]) -> dict[str, float]:
-    """The sensor of a fresh Emo optimizer fed exactly ``losses``, one per step."""
-    p = nn.Parameter(torch.zeros(1))
-    ref = EmoSens([p])
-    for loss in losses:
-        p.grad = torch.zeros(1)
-        ref.step(loss=loss)
-    return ref.telemetry()
-
-
-def assert_sensed(opt: Any, losses: list[float], rtol: float = 2e-6) -> None:
-    got, want = opt.telemetry(), reference_sensor(losses)
-    assert got["sensed_steps"] == len(losses)
-    for key in SENSOR_KEYS:
-        assert got[key] == pytest.approx(want[key], rel=rtol, abs=1e-12), key
+assert_sensed = partial(assert_sensed_as_fed, rtol=2e-6, atol=1e-12)
 
 
 def read_csv_metrics(logger: CSVLogger) -> list[dict[str, str]]:
