@@ -1,4 +1,4 @@
-"""The eight offline quality workloads, by name."""
+"""The ten offline quality workloads, by name."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from .finetune import FINETUNE
 from .flow import FLOW
 from .lora import LORA
 from .quadratic import QUADRATIC
+from .regression import REGRESSION
+from .rnn import RNN
 
 __all__ = ["WORKLOADS", "Task", "Workload", "get_workloads"]
 
 WORKLOADS: dict[str, Workload] = {
-    w.name: w for w in (DIGITS, CHARLM, FLOW, QUADRATIC, FINETUNE, LORA, CONV, AUTOENCODER)
+    w.name: w
+    for w in (DIGITS, CHARLM, FLOW, QUADRATIC, FINETUNE, LORA, CONV, AUTOENCODER, REGRESSION, RNN)
 }
 
 

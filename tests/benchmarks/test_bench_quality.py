@@ -22,9 +22,10 @@ def short_lora_pretraining(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lora, "PRETRAIN_STEPS", 20)
 
 
-def test_there_are_eight_workloads_including_the_pretrained_ones() -> None:
+def test_there_are_ten_workloads_including_the_pretrained_ones() -> None:
     assert set(WORKLOADS) == {
-        "digits", "charlm", "flow", "quadratic", "finetune", "lora", "conv", "autoencoder"
+        "digits", "charlm", "flow", "quadratic", "finetune", "lora", "conv", "autoencoder",
+        "regression", "rnn",
     }  # fmt: skip
 
 
