@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    emo-bench quality [--quick] [--jobs 2]  # 8 offline workloads x 12 optimizer configs (15
+    emo-bench quality [--quick] [--jobs 2]  # 10 offline workloads x 12 optimizer configs (15
                                             # with pulse="v37" rows) x seeds
     emo-bench speed   [--quick]   # step time vs torch AdamW, state bytes, host syncs
     emo-bench demo                # quality --quick, then speed --quick (what `make demo` runs)
