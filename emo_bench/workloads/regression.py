@@ -62,7 +62,7 @@ REGRESSION = Workload(
     metric="val MSE to the noiseless teacher",
     higher_is_better=False,
     steps=1500,
-    quick_steps=300,
+    quick_steps=150,
     batch=BATCH,
     build=RegressionTask,
 )

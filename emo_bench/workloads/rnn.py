@@ -62,7 +62,7 @@ RNN = Workload(
     metric="val cross-entropy",
     higher_is_better=False,
     steps=800,
-    quick_steps=150,
+    quick_steps=100,
     batch=BATCH,
     build=RnnTask,
 )
