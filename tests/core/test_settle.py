@@ -20,15 +20,20 @@ from tests.core.cases import assert_same
 F64 = torch.float64
 
 
-def run(losses: list[float], valid: list[bool] | None = None) -> list[float]:
-    """The settle factor after each loss."""
+def states(losses: list[float], valid: list[bool] | None = None) -> list[dict]:
+    """The settling state after each loss, from a fresh one."""
     state = init_settle_state(torch.device("cpu"), F64)
     out = []
     for i, loss in enumerate(losses):
         ok = torch.tensor(True if valid is None else valid[i])
         state = settle_update(state, torch.tensor(loss, dtype=F64), ok)
-        out.append(float(state["settle"]))
+        out.append(state)
     return out
+
+
+def run(losses: list[float], valid: list[bool] | None = None) -> list[float]:
+    """The settle factor after each loss."""
+    return [float(state["settle"]) for state in states(losses, valid)]
 
 
 def noisy(steps: int, trend, noise: float = 0.1, seed: int = 0) -> list[float]:
@@ -71,9 +76,7 @@ def test_the_factor_does_not_depend_on_the_loss_scale_or_offset(change):
 
 
 def test_an_invalid_step_changes_nothing():
-    state = init_settle_state(torch.device("cpu"), F64)
-    for loss in noisy(300, lambda t: 1.0):
-        state = settle_update(state, torch.tensor(loss, dtype=F64), torch.tensor(True))
+    state = states(noisy(300, lambda t: 1.0))[-1]
     after = settle_update(state, torch.tensor(float("nan"), dtype=F64), torch.tensor(False))
     assert_same(after, state)
 
@@ -125,23 +128,16 @@ def test_a_state_dict_from_before_settling_loads_and_starts_it_fresh():
     assert torch.equal(loaded["d"], opt.emo_state["emo_distance"]["d"])
 
 
-def _state_after(losses: list[float]) -> dict:
-    state = init_settle_state(torch.device("cpu"), F64)
-    for loss in losses:
-        state = settle_update(state, torch.tensor(loss, dtype=F64), torch.tensor(True))
-    return state
-
-
 def test_a_spike_is_braked_even_while_the_loss_falls_fast_and_ordinary_batches_are_not():
     # a loss halving every 30 steps: the EMA brake's medium average lags far above it
     losses = noisy(90, lambda t: 2.0 * 0.5 ** (t / 30), noise=0.01)
-    state = _state_after(losses)
+    state = states(losses)[-1]
     level = float(state["l_fast"])
     assert float(outlier_brake(state, torch.tensor(10 * level, dtype=F64))) < 0.12
     noise = math.sqrt(float(state["l_var"]))
     ordinary = torch.tensor(level + 3 * noise, dtype=F64)
     assert float(outlier_brake(state, ordinary)) == 1.0
     # negative losses: a rise is still a rise
-    shifted = _state_after([v - 10.0 for v in losses])
+    shifted = states([v - 10.0 for v in losses])[-1]
     spike = torch.tensor(float(shifted["l_fast"]) + 9 * abs(level), dtype=F64)
     assert float(outlier_brake(shifted, spike)) < 1.0
