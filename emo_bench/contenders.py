@@ -2,8 +2,8 @@
 
 A :class:`Contender` builds its optimizer and knows the three things a training loop must do
 differently for it: Emo optimizers take the loss in ``step(loss=...)``, the Schedule-Free
-optimizers need ``train()``/``eval()`` switching, and each reports its effective learning
-rate its own way (Emo: ``get_effective_lr()``; Prodigy and Prodigy + Schedule-Free: ``d·lr``;
+optimizers and ``EmoSens(average=True)`` need ``train()``/``eval()`` switching, and each
+reports its effective learning rate its own way (Emo: ``get_effective_lr()``; Prodigy and Prodigy + Schedule-Free: ``d·lr``;
 Schedule-Free AdamW: ``scheduled_lr``).
 
 The Emo rows come from :data:`EMO_VARIANTS`, ``(class, extra constructor kwargs)`` pairs. A
@@ -43,12 +43,18 @@ ADAMW_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 """The AdamW learning-rate sweep (weight decay 0.01); "tuned AdamW" is the best per workload."""
 ADAMW_DEFAULT_LR = 1e-3
 
-EMO_VARIANTS: tuple[tuple[type[EmoOptimizer], dict[str, Any]], ...] = tuple(
-    (cls, {"pulse": pulse}) for pulse in ("v37", "distance") for cls in (EmoSens, EmoAiry, EmoCats)
+EMO_VARIANTS: tuple[tuple[type[EmoOptimizer], dict[str, Any]], ...] = (
+    *(
+        (cls, {"pulse": pulse})
+        for pulse in ("v37", "distance")
+        for cls in (EmoSens, EmoAiry, EmoCats)
+    ),
+    (EmoSens, {"pulse": "distance", "average": True}),
 )
 """Emo rows: ``(class, extra kwargs)`` on top of ``lr=1.0``, one per pulse controller (each
-named explicitly, so a row means the same whichever is the default); kwargs the class does not
-accept drop the row (see :func:`emo_contenders`)."""
+named explicitly, so a row means the same whichever is the default), and EmoSens with
+Schedule-Free averaging; kwargs the class does not accept drop the row (see
+:func:`emo_contenders`)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,9 @@ class Contender:
             opt.step()
 
     def _switches(self, opt: torch.optim.Optimizer) -> bool:
-        return self.family in ("schedulefree", "prodigy-sf") and hasattr(opt, "train")
+        # (Emo optimizers switch only with average=True; otherwise train()/eval() do nothing.)
+        families = ("schedulefree", "prodigy-sf", "emo")
+        return self.family in families and callable(getattr(opt, "train", None))
 
     def train_mode(self, opt: torch.optim.Optimizer) -> None:
         """Before training steps (Schedule-Free evaluates at a different point than it trains)."""

@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 from . import capture, state_check
 from ._validation import as_bool, as_float_dtype, as_int, check_lr, check_range, loss_to_tensor
+from .averaging import average_weight, init_average_state, to_average_, to_train_
 from .distance import D0, distance_update, gather_sample, init_distance_state, plan_sample
 from .distributed import local_shard, mean_loss_over_ranks, world_size
 from .lr_guard import warn_if_small_lr
@@ -75,6 +76,7 @@ COMPILE_CHUNK = 32
 SENSOR_STATE_KEY = "emo_pulse"
 META_STATE_KEY = "emo_meta"
 DISTANCE_STATE_KEY = "emo_distance"
+AVERAGE_STATE_KEY = "emo_average"
 PULSES = ("distance", "v37")
 """``pulse=`` values: the distance-to-init controller (``distance.md``) or upstream's v3.7
 pulse (SPEC §2)."""
@@ -97,7 +99,8 @@ class Bucket:
     ``params``, ``grads`` and the ``states`` lists are in the compute dtype (fp32 for half
     parameters); ``lr`` is the effective LR and ``valid`` the step's finite flag, both 0-dim
     on the bucket's device. An update rule must leave every tensor bitwise unchanged when
-    ``valid`` is False.
+    ``valid`` is False. ``mix`` is the averaging weight ``c`` of ``average=True``
+    (``averaging.py``; 0 on a skipped step), None without averaging.
     """
 
     params: list[Tensor]
@@ -107,6 +110,7 @@ class Bucket:
     valid: Tensor
     group: dict[str, Any]
     impl: str
+    mix: Tensor | None = None
 
     def masked_grads(self) -> list[Tensor]:
         """Gradients with every element zeroed on a skipped step (so 0 * grad stays 0)."""
@@ -250,6 +254,7 @@ class EmoOptimizer(Optimizer):
         log_every: int,
         maximize: bool = False,
         capture_loss: bool = False,
+        average: bool = False,
     ) -> None:
         lr = check_range("lr", lr, 0.0, low_inclusive=False)
         if isinstance(pulse, str):  # class-path users may pass a quoted literal
@@ -257,6 +262,12 @@ class EmoOptimizer(Optimizer):
         if pulse not in PULSES:
             raise ValueError(f"Invalid pulse: {pulse!r} (expected one of {', '.join(PULSES)})")
         self.pulse = pulse
+        self.average = as_bool("average", average)
+        if self.average and pulse != "distance":
+            raise ValueError(
+                f"Invalid average=True with pulse={pulse!r}: iterate averaging is built on the "
+                "distance controller; pass pulse='distance' too"
+            )
         low, high = _DEFAULT_LR_RANGE[pulse]
         min_lr = low if min_lr is None else min_lr
         max_lr = high if max_lr is None else max_lr
@@ -295,7 +306,7 @@ class EmoOptimizer(Optimizer):
         # LightningOptimizer copy this object's __dict__, so rebinding an attribute on the
         # wrapper would be invisible to the optimizer.
         self._pending: dict[str, Any] = {"sum": None, "count": 0}
-        self._flags: dict[str, bool] = {"warned_no_loss": False}
+        self._flags: dict[str, bool] = {"warned_no_loss": False, "eval_mode": False}
         self._plan: dict[str, Any] = {"plan": None, "layout": None}
         super().__init__(params, defaults)
         # The loss sensor and the step counter: optimizer-wide, so not in ``self.state``, which
@@ -305,6 +316,9 @@ class EmoOptimizer(Optimizer):
             SENSOR_STATE_KEY: self._new_sensor_state(self._sensor_device()),
             META_STATE_KEY: self._new_meta_state(),
         }
+        if self.average:
+            sensor = self._sensor["ema_long"]
+            self.emo_state[AVERAGE_STATE_KEY] = init_average_state(sensor.device, sensor.dtype)
         self._refresh_effective_lr()
         if self.capture_loss:  # last: a failed constructor installs nothing
             capture.attach(self)
@@ -329,6 +343,11 @@ class EmoOptimizer(Optimizer):
         group["lr"] = check_lr("lr", group["lr"])
         group["weight_decay"] = check_range("weight_decay", group["weight_decay"], 0.0)
         group["use_shadow"] = as_bool("use_shadow", group["use_shadow"])
+        if group["use_shadow"] and self.average:
+            raise ValueError(
+                "Invalid use_shadow=True with average=True: the shadow would pull the "
+                "interpolated training point, not the average; choose one"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after checking its hyperparameters; nothing changes on error."""
@@ -361,6 +380,7 @@ class EmoOptimizer(Optimizer):
         self.__dict__.setdefault("compile_update", False)
         self.__dict__.setdefault("maximize", False)
         self.__dict__.setdefault("pulse", "v37")
+        self.__dict__.setdefault("average", False)
         self.__dict__.setdefault("_plan", {"plan": None, "layout": None})
         if "emo_state" not in self.__dict__:  # pickled by a version that kept it in self.state
             self.emo_state = {
@@ -429,6 +449,11 @@ class EmoOptimizer(Optimizer):
             loss: this step's training loss (number or one-element tensor); takes priority
                 over a pending ``set_loss``/``add_loss`` value and the closure's value.
         """
+        if self._flags.get("eval_mode"):
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called in eval mode: the parameters hold the "
+                "average (average=True); call optimizer.train() before training steps"
+            )
         closure_value = None
         if closure is not None:
             with torch.enable_grad():
@@ -481,9 +506,10 @@ class EmoOptimizer(Optimizer):
 
         meta = self.emo_state[META_STATE_KEY]
         meta["steps"] += 1
+        mix = self._advance_average(valid) if self.average else None
         for group, params in zip(self.param_groups, work):
             if params:
-                self._step_group(group, params, valid, meta)
+                self._step_group(group, params, valid, meta, mix)
         if self.writer is not None:
             steps = int(meta["steps"])
             if steps % self.log_every == 0:
@@ -566,9 +592,11 @@ class EmoOptimizer(Optimizer):
         """The fresh state a saved optimizer-wide entry ``key`` is checked against (None:
         not a key of this optimizer). The distance controller's sample size is the saved one
         (a changed layout restarts the sample at the next step, keeping ``d``)."""
+        sensor = self._sensor["ema_long"]
+        if key == AVERAGE_STATE_KEY and self.average:
+            return init_average_state(sensor.device, sensor.dtype)
         if key != DISTANCE_STATE_KEY or not isinstance(saved.get("x0"), Tensor):
             return None
-        sensor = self._sensor["ema_long"]
         return init_distance_state(
             saved["x0"].numel(), sensor.device, sensor.dtype, self.direction_power > 0
         )
@@ -600,7 +628,15 @@ class EmoOptimizer(Optimizer):
 
     def _distance_sample(self) -> tuple[Tensor, Tensor]:
         sensor = self._sensor["ema_long"]
-        return gather_sample(self._distance_plan(), self.param_groups, sensor.device)
+        # With averaging the distance is that of the stepped sequence z (the parameters
+        # hold the interpolation y); before the first step z is the parameter itself.
+        source = self._stepped_point if self.average else None
+        return gather_sample(self._distance_plan(), self.param_groups, sensor.device, source)
+
+    def _stepped_point(self, p: Tensor) -> Tensor:
+        """``z`` of ``p`` (complex: its real view, as sampled), or ``p`` before it exists."""
+        state = self.state.get(p)
+        return p if not state or "z" not in state else state["z"]
 
     def _advance_distance(self, sample: tuple[Tensor, Tensor], loss: Tensor, valid: Tensor) -> None:
         sensor = self._sensor
@@ -614,9 +650,51 @@ class EmoOptimizer(Optimizer):
             min_lr=self.min_lr,
             max_lr=self.max_lr,
             direction_power=self.direction_power,
+            settle=not self.average,
         )
         self.emo_state[DISTANCE_STATE_KEY] = state
         sensor["pulse"] = torch.where(valid, lr, sensor["pulse"])
+
+    # ------------------------------------------------------------ iterate averaging
+    def _advance_average(self, valid: Tensor) -> Tensor:
+        """This step's averaging weight ``c`` (``averaging.py``), from the pulse."""
+        state, mix = average_weight(self.emo_state[AVERAGE_STATE_KEY], self._sensor["pulse"], valid)
+        self.emo_state[AVERAGE_STATE_KEY] = state
+        return mix
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Parameters to the training point (``average=True``; otherwise nothing happens).
+        Call before training steps after :meth:`eval`; a no-op when already training."""
+        self._switch_mode(evaluating=False)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Parameters to the average for evaluating or saving (``average=True``; otherwise
+        nothing happens). :meth:`train` switches back; ``step()`` refuses to run until then."""
+        self._switch_mode(evaluating=True)
+
+    @property
+    def training(self) -> bool:
+        """False between :meth:`eval` and :meth:`train` with ``average=True``; else True."""
+        return not self._flags.get("eval_mode", False)
+
+    def _switch_mode(self, evaluating: bool) -> None:
+        if not self.average or self._flags.get("eval_mode", False) == evaluating:
+            return
+        for group in self.param_groups:
+            pairs = [
+                (_real(p), self.state[p]["z"])
+                for p in group["params"]
+                if p in self.state and "z" in self.state[p]
+            ]
+            if pairs:
+                params, zs = (list(side) for side in zip(*pairs))
+                beta = group["betas"][0]
+                (to_average_ if evaluating else to_train_)(params, zs, beta)
+        self._flags["eval_mode"] = evaluating
+        state = self.emo_state[AVERAGE_STATE_KEY]
+        state["eval_mode"] = torch.full_like(state["eval_mode"], evaluating)
 
     # ------------------------------------------------------------------- per group
     def _step_group(
@@ -625,6 +703,7 @@ class EmoOptimizer(Optimizer):
         params: list[tuple[int, Tensor]],
         valid: Tensor,
         meta: dict[str, Any],
+        mix: Tensor | None = None,
     ) -> None:
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for _, p in params:
@@ -664,6 +743,7 @@ class EmoOptimizer(Optimizer):
                 valid=valid.to(device),
                 group=group,
                 impl=self._pick_impl(originals, per_param, compute_dtype),
+                mix=None if mix is None else mix.to(device=device, dtype=compute_dtype),
             )
             if group["use_shadow"]:
                 self._apply_shadow(bucket, [state["shadow"] for state in per_param])
@@ -816,6 +896,11 @@ class EmoOptimizer(Optimizer):
         self.emo_state.clear()  # in place: wrappers (LightningOptimizer) share the dict
         self.emo_state.update({SENSOR_STATE_KEY: plan.sensor, META_STATE_KEY: plan.meta})
         self.emo_state.update(plan.controller)
+        if self.average:  # (saved before the first step by an older version: fresh)
+            sensor = self._sensor["ema_long"]
+            fresh = init_average_state(sensor.device, sensor.dtype)
+            averaging = self.emo_state.setdefault(AVERAGE_STATE_KEY, fresh)
+            self._flags["eval_mode"] = bool(averaging["eval_mode"])
         self._plan.update(plan=None, layout=None)  # the sample plan is rebuilt at the next step
         self._flags["warned_no_loss"] = False
         self._refresh_effective_lr()

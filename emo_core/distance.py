@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -208,21 +209,26 @@ def _local_range(p: Tensor) -> tuple[int, int]:
 
 
 def gather_sample(
-    plan: SamplePlan, param_groups: list[dict], device: torch.device
+    plan: SamplePlan,
+    param_groups: list[dict],
+    device: torch.device,
+    source: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(x, g)``: the sampled parameter and gradient values, each ``[plan.size]`` fp32,
     scaled by this rank's share (so that a cross-rank sum gives the values). Zero gradient
-    where a sampled parameter has none this step."""
+    where a sampled parameter has none this step. ``source(p)``: the tensor whose values
+    stand for ``p``'s (same layout; a complex one as its real view), default ``p``."""
     xs, gs = [], []
     for piece in plan.pieces:
         p = param_groups[piece.group]["params"][piece.index]
+        x = p if source is None else source(p)
         window = slice(piece.start, piece.start + piece.stride * piece.length, piece.stride)
         grad = p.grad
         if piece.plain and grad is not None and p.device == device:  # the common case
-            xs.append(p.reshape(-1)[window])
+            xs.append(x.reshape(-1)[window])
             gs.append(grad.reshape(-1)[window])
             continue
-        x_part = _flat(local_shard(p))[window]
+        x_part = _flat(local_shard(x))[window]
         g_part = torch.zeros_like(x_part) if grad is None else _flat(local_shard(grad))[window]
         for parts, part in ((xs, x_part), (gs, g_part)):
             if part.device != device:
@@ -323,6 +329,7 @@ def distance_update(
     min_lr: float,
     max_lr: float,
     direction_power: float,
+    settle: bool = True,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Advance the controller one step; returns the new state and the base LR.
 
@@ -339,6 +346,8 @@ def distance_update(
             An Adam-type update (EmoSens) moves ``d·ρ`` per coordinate by itself: p = 0.
             A sign update (EmoCats) moves ``d`` whatever the noise: p = 1 moves it as far as
             EmoSens would. EmoAiry's unclipped ``g/√v̂`` lies between them: p = 0.5.
+        settle: apply settling's factor (off under iterate averaging, which replaces the
+            annealing; its state still advances).
     """
     jolt = outlier_brake(state, loss)
     x0 = torch.where(state["started"], state["x0"], x)
@@ -369,5 +378,6 @@ def distance_update(
         scale = scale * adam_rms(out["m"], out["v"], out["k"], weights) ** direction_power
     out.update(settle_update(state, loss, valid))
     slow = torch.minimum(brake(sensor), jolt)
-    lr = torch.clamp(scale * slow * out["settle"], min=min_lr, max=max_lr)
+    lr = scale * slow * out["settle"] if settle else scale * slow
+    lr = torch.clamp(lr, min=min_lr, max=max_lr)
     return out, lr

@@ -4,6 +4,10 @@
 no bias correction. This is AdamW without bias correction at a tensor LR, so the default
 path on fp32 parameters is torch's fused AdamW kernel with a step count large enough that
 ``1 − β^step`` is exactly 1, and the skipped-step flag passed as ``found_inf``.
+
+With ``average=True`` (Schedule-Free averaging, ``averaging.md``) the state holds ``z`` in
+place of ``m``: ``u = g/(√v + eps) + wd·z``; ``y ← lerp(y, z, c) + lr·(β1·(1 − c) − 1)·u``;
+``z ← z − lr·u`` (``y`` the parameters, ``c`` the step's averaging weight).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import Tensor
 from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
 
-__all__ = ["EmoSens", "emosens"]
+__all__ = ["EmoSens", "averaged_emosens", "emosens"]
 
 # beta ** _NO_BIAS_CORRECTION_STEP underflows to 0 for every beta < 1 - 1e-30, so the fused
 # kernel's bias corrections (1 - beta ** step) are exactly 1.
@@ -69,6 +73,11 @@ class EmoSens(EmoOptimizer):
         capture_loss: sense the loss of every scalar ``backward()`` while this optimizer
             lives, for scripts that never pass it; patches ``torch.autograd.backward`` until
             ``close()`` (see ``emo_core.capture``) (default: False).
+        average: Schedule-Free iterate averaging on top of ``pulse="distance"`` (required):
+            the parameters train at an interpolation and hold the average after
+            ``opt.eval()``; call ``opt.train()`` before training steps again. ``betas[0]``
+            becomes the interpolation weight (no first moment; the memory stays 8 B/param)
+            and settling is off (``emo_core/averaging.md``) (default: False).
     """
 
     def __init__(
@@ -94,6 +103,7 @@ class EmoSens(EmoOptimizer):
         log_every: int = 1,
         maximize: bool = False,
         capture_loss: bool = False,
+        average: bool = False,
     ) -> None:
         # Parsed before the cross-checks: class-path users pass strings ("False" is truthy).
         self.fused = as_bool("fused", fused, allow_none=True)
@@ -105,15 +115,31 @@ class EmoSens(EmoOptimizer):
             raise ValueError(
                 "Invalid fused/compile_update: choose one of fused=True and compile_update=True"
             )
-        super().__init__(params, {"betas": betas, "eps": eps}, **common_options(locals()))
+        if self.fused and as_bool("average", average):
+            raise ValueError(
+                "Invalid fused=True with average=True: the averaged update has no fused kernel; "
+                "leave fused=None"
+            )
+        super().__init__(
+            params, {"betas": betas, "eps": eps}, **common_options(locals()), average=average
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         group["betas"] = check_betas("betas", group["betas"])
         group["eps"] = check_range("eps", group["eps"], 0.0, low_inclusive=False)
+        if self.average and group["betas"][0] == 0:
+            raise ValueError(
+                "Invalid betas[0]=0 with average=True: betas[0] is the interpolation weight "
+                "between the stepped and the averaged point there (expected 0 < betas[0] < 1, "
+                "e.g. 0.9)"
+            )
 
     def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
-        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if self.average:  # z starts at the parameter (and the average with it)
+            state["z"] = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
+        else:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _pick_impl(
@@ -121,6 +147,8 @@ class EmoSens(EmoOptimizer):
     ) -> str:
         # A bucket shares one device and dtype; only the state's dtype can vary per tensor
         # (e.g. loaded from a checkpoint saved with another state_dtype).
+        if self.average:  # no fused kernel for the averaged update
+            return super()._pick_impl(params, states, compute_dtype)
         fusable = (
             params[0].dtype == compute_dtype == torch.float32
             and params[0].device.type in _FUSED_DEVICES
@@ -143,6 +171,15 @@ class EmoSens(EmoOptimizer):
 
     def _update(self, bucket: Bucket) -> None:
         beta1, beta2 = bucket.group["betas"]
+        if bucket.mix is not None:
+            averaged_emosens(
+                bucket,
+                beta=beta1,
+                beta2=beta2,
+                eps=bucket.group["eps"],
+                weight_decay=bucket.group["weight_decay"],
+            )
+            return
         emosens(
             bucket,
             beta1=beta1,
@@ -205,6 +242,56 @@ def _foreach_emosens(
     step = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(step, lr)
     torch._foreach_sub_(bucket.params, step)
+
+
+def averaged_emosens(
+    bucket: Bucket, *, beta: float, beta2: float, eps: float, weight_decay: float
+) -> None:
+    """Functional averaged (Schedule-Free) EmoSens update of one bucket (``bucket.mix``)."""
+    kernel = {
+        "foreach": _foreach_averaged,
+        "single": _single_tensor_averaged,
+    }.get(bucket.impl) or compiled(_single_tensor_averaged)
+    kernel(bucket, beta=beta, beta2=beta2, eps=eps, weight_decay=weight_decay)
+
+
+def _single_tensor_averaged(
+    bucket: Bucket, *, beta: float, beta2: float, eps: float, weight_decay: float
+) -> None:
+    lr = bucket.step_lr()
+    mix = bucket.mix
+    keep2 = bucket.decay(beta2)
+    toward_y = lr * (beta * (1.0 - mix) - 1.0)  # 0 on a skipped step, as mix
+    for y, g, z, v in zip(
+        bucket.params, bucket.masked_grads(), bucket.states["z"], bucket.states["exp_avg_sq"]
+    ):
+        v.mul_(keep2).addcmul_(g, g, value=1.0 - beta2)
+        u = torch.add(g / (v.sqrt() + eps), z, alpha=weight_decay)
+        y.lerp_(z, mix)
+        y.add_(u * toward_y)
+        z.sub_(u * lr)
+
+
+def _foreach_averaged(
+    bucket: Bucket, *, beta: float, beta2: float, eps: float, weight_decay: float
+) -> None:
+    lr = bucket.step_lr()
+    mix = bucket.mix
+    grads = bucket.masked_grads()
+    zs, exp_avg_sqs = bucket.states["z"], bucket.states["exp_avg_sq"]
+    torch._foreach_mul_(exp_avg_sqs, bucket.decay(beta2))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    direction = torch._foreach_div(grads, denom)
+    if weight_decay:
+        torch._foreach_add_(direction, zs, alpha=weight_decay)
+    torch._foreach_lerp_(bucket.params, zs, [mix] * len(zs))
+    torch._foreach_add_(
+        bucket.params, torch._foreach_mul(direction, lr * (beta * (1.0 - mix) - 1.0))
+    )
+    torch._foreach_mul_(direction, lr)
+    torch._foreach_sub_(zs, direction)
 
 
 _step_tensors: dict[torch.device, Tensor] = {}

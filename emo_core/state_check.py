@@ -242,11 +242,17 @@ def _checked_param_state(
     template = _state_template(opt, p, use_shadow)
     missing = sorted(k for k in template if k not in entry)
     unknown = sorted(k for k in entry if k not in template)
-    owner = f"{type(opt).__name__}" + (" with use_shadow=True" if use_shadow else "")
+    options = [name for name, on in (("use_shadow", use_shadow), ("average", opt.average)) if on]
+    owner = type(opt).__name__ + "".join(f" with {name}=True" for name in options)
+    hint = ""
+    if "z" in entry and not opt.average:  # (the one key only averaging keeps)
+        hint = "; a state saved with average=True needs an optimizer with average=True"
     if missing:
-        _fail(f"state[{key!r}] lacks {missing} ({owner} keeps {sorted(template)})")
+        _fail(f"state[{key!r}] lacks {missing} ({owner} keeps {sorted(template)}){hint}")
     if unknown:
-        _fail(f"state[{key!r}] has unknown entries {unknown} ({owner} keeps {sorted(template)})")
+        _fail(
+            f"state[{key!r}] has unknown entries {unknown} ({owner} keeps {sorted(template)}){hint}"
+        )
     is_dtensor = hasattr(p, "to_local")
     out = {}
     for name, expected in template.items():

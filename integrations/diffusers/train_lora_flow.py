@@ -675,6 +675,8 @@ def train(setup: TrainingSetup) -> dict[str, Any]:
             )
             tick = time.perf_counter()  # leave checkpoint I/O out of the step time
     progress.close()
+    if setup.emo is not None:  # EmoSens(average=True): sample and save the average
+        setup.emo.eval()
     return setup.history.summary()
 
 

@@ -18,6 +18,12 @@ Three public hooks, nothing patched:
   ``args.emo_stop_on_signal`` is set. Reading these values syncs the device, so it happens
   only at ``logging_steps``.
 
+``EmoSens(average=True)`` (``optim_args="pulse=distance,average=True"``): transformers itself
+calls ``optimizer.train()`` before each training step and ``optimizer.eval()`` before
+evaluating, so evaluation (and a checkpoint written right after it) sees the average;
+``train()`` here ends with ``optimizer.eval()``, so the model holds the average for
+``save_model`` (not with ``load_best_model_at_end``, whose loaded weights it would mix).
+
 Any Emo optimizer the Trainer holds gets the loss feed and logs, including one passed via
 ``optimizers=`` or ``optimizer_cls_and_kwargs=``.
 """
@@ -60,6 +66,14 @@ class EmoTrainerMixin(CheckpointingMixin):
         kwargs = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
         kwargs.update(parse_optim_args(args.optim_args, optimizer_cls))
         return optimizer_cls, kwargs
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``train``; with averaging the model holds the average after it."""
+        result = super().train(*args, **kwargs)
+        emo = unwrap(self.optimizer)
+        if emo is not None and not self.args.load_best_model_at_end:
+            emo.eval()
+        return result
 
     def training_step(
         self,

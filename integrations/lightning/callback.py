@@ -61,6 +61,11 @@ class EmoCallback(Callback):
     warns and keeps its LR). The callback holds no state of its own: the loss statistics
     live in the optimizer's ``state_dict``, which Lightning checkpoints.
 
+    ``EmoSens(average=True)`` (iterate averaging): the callback calls ``opt.eval()`` before
+    validation, test and predict loops and at the end of ``fit`` (the module then holds the
+    average, for use and for checkpoints written there), and ``opt.train()`` before each
+    training batch. Without averaging both calls do nothing.
+
     Args:
         stop_on_signal: end ``fit`` (``trainer.should_stop``) once every Emo optimizer's
             ``should_stop`` is set, i.e. the loss has settled. Checked when logs are written
@@ -122,6 +127,24 @@ class EmoCallback(Callback):
     ) -> None:
         # Same rule as Lightning's zero_grad: a window starts where batch_idx % N == 0.
         self._window_start = batch_idx % trainer.accumulate_grad_batches == 0
+        _switch(trainer, evaluating=False)
+
+    # ------------------------------------------- iterate averaging (average=True)
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _switch(trainer, evaluating=True)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _switch(trainer, evaluating=True)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _switch(trainer, evaluating=True)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _switch(trainer, evaluating=True)
 
     @override
     def on_before_backward(
@@ -188,6 +211,13 @@ def _emo_optimizers(trainer: pl.Trainer) -> list[tuple[int, EmoOptimizer]]:
     """(index in ``trainer.optimizers``, Emo optimizer) for every Emo optimizer."""
     found = ((i, unwrap(opt)) for i, opt in enumerate(trainer.optimizers))
     return [(i, emo) for i, emo in found if emo is not None]
+
+
+def _switch(trainer: pl.Trainer, evaluating: bool) -> None:
+    """Parameters to the average (``eval()``) or the training point (``train()``) for every
+    Emo optimizer; nothing happens without ``average=True`` or when already there."""
+    for _, emo in _emo_optimizers(trainer):
+        emo.eval() if evaluating else emo.train()
 
 
 def _prefixed(optimizers: list[tuple[int, EmoOptimizer]]) -> list[tuple[str, EmoOptimizer]]:

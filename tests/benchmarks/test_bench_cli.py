@@ -54,8 +54,8 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
     } <= set(doc["machine"])
     names = {(r["workload"], r["optimizer"]) for r in doc["results"]}
     emo = [c.name for c in emo_contenders() if c.name.startswith("EmoSens")]
-    assert len(names) == 2 * (len(emo) + 6 + 1)  # EmoSens per pulse, 6 AdamW lrs, SF
-    assert len(emo) == 2
+    assert len(names) == 2 * (len(emo) + 6 + 1)  # EmoSens rows, 6 AdamW lrs, SF
+    assert len(emo) == 3  # per pulse, and distance with averaging
     fields = {
         "workload",
         "optimizer",

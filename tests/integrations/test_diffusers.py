@@ -252,6 +252,22 @@ def test_every_optimizer_choice_trains(tmp_path: Path, name: str) -> None:
     assert (setup.emo is not None) == name.startswith("emo")
 
 
+def test_averaging_trains_and_ends_at_the_average(tmp_path: Path) -> None:
+    """--optimizer_args pulse=distance average=True: the loop trains at the training point
+    (step() refuses eval mode) and leaves the LoRA at the average for sampling and saving."""
+    argv = _argv("sd3", tmp_path, "--mixed_precision", "no", "--max_train_steps", "3")
+    args = parse_args([*argv, "--optimizer_args", "pulse=distance", "average=True"])
+    setup = build_training(args)
+    train(setup)
+    emo = setup.emo
+    assert emo.average and not emo.training
+    model = setup.accelerator.unwrap_model(setup.model)
+    average = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    emo.train()
+    moved = [not torch.equal(p, average[n]) for n, p in model.named_parameters() if n in average]
+    assert any(moved)
+
+
 def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
     from PIL import Image, ImageDraw
 

@@ -277,6 +277,38 @@ def test_early_stop_on_signal(tmp_path, stop):
         assert trainer.state.global_step == args.max_steps
 
 
+def test_averaging_evaluates_at_the_average_and_training_ends_there(tmp_path):
+    """optim_args="pulse=distance,average=True": transformers' own train()/eval() calls put
+    every evaluation at the average and every step back at the training point (step()
+    refuses eval mode); after train() the model holds the average."""
+    at_average = []
+
+    class Spy(TrainerCallback):
+        def on_evaluate(self, args, state, control, optimizer=None, **kwargs):
+            at_average.append(not unwrap(optimizer).training)
+
+    args = emo_args(
+        tmp_path,
+        optim_args="pulse=distance,average=True",
+        max_steps=12,
+        eval_strategy="steps",
+        eval_steps=4,
+        per_device_train_batch_size=8,
+    )
+    trainer = EmoTrainer(
+        model=Regression(),
+        args=args,
+        train_dataset=RegressionData(64),
+        eval_dataset=RegressionData(16, seed=1),
+        callbacks=[Spy()],
+    )
+    trainer.train()
+    assert at_average == [True, True, True]
+    optimizer = unwrap(trainer.optimizer)
+    assert optimizer.average and not optimizer.training
+    assert trainer.state.global_step == 12
+
+
 def test_resume_from_checkpoint_is_exact(tmp_path, tokenizer, blocks):
     settings = {
         "max_steps": 20,

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # 
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
-from emo_core import EmoAiry, EmoCats, EmoSens  # noqa: E402
+from emo_core import EmoAiry, EmoCats, EmoSens, unwrap  # noqa: E402
 from emo_lightning import EmoCallback, EmoLearningRateMonitor  # noqa: E402
 
 
@@ -344,6 +344,35 @@ def test_callback_without_emo_optimizer_warns_once() -> None:
     ours = [w for w in caught if "EmoCallback is attached" in str(w.message)]
     assert len(ours) == 1
     assert trainer.global_step == 2
+
+
+class Averaged(Regression):
+    """EmoSens(average=True); records whether each validation batch saw the average."""
+
+    def __init__(self) -> None:
+        super().__init__(EmoSens, pulse="distance", average=True)
+        self.validated_at_average: list[bool] = []
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.validated_at_average.append(not unwrap(self.trainer.optimizers[0]).training)
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
+
+def test_averaging_validates_at_the_average_and_fit_ends_there() -> None:
+    """The callback switches EmoSens(average=True): every validation batch (the sanity check
+    included) runs at the average, every training step at the training point (step() would
+    refuse otherwise), and after fit the module holds the average."""
+    module = Averaged()
+    trainer = make_trainer(max_epochs=3, callbacks=[EmoCallback()], num_sanity_val_steps=1)
+    train = DataLoader(regression_data(64), batch_size=8)
+    trainer.fit(module, train, DataLoader(regression_data(16, seed=1), batch_size=8))
+    assert len(module.validated_at_average) == 1 + 3 * 2 and all(module.validated_at_average)
+    opt = unwrap(trainer.optimizers[0])
+    assert not opt.training and trainer.global_step == 24
+    average = [p.detach().clone() for p in module.parameters()]
+    opt.train()
+    assert any(not torch.equal(a, p) for a, p in zip(average, module.parameters()))
 
 
 def test_invalid_arguments_are_named() -> None:

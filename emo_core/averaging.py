@@ -1,0 +1,62 @@
+"""Schedule-Free iterate averaging (``EmoSens(average=True)``), see ``averaging.md``.
+
+Three sequences share one buffer: the optimizer steps ``z`` (kept in the state), the
+average ``x`` is not stored, and the parameters hold the interpolation
+``y = (1 − β)·z + β·x`` while training (gradients are taken there) and ``x`` while
+evaluating. ``x`` is recovered exactly from ``y`` and ``z``, so switching costs no memory.
+This module keeps the averaging weights (0-dim tensors, no host reads) and the switches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["AVERAGE_KEYS", "average_weight", "init_average_state", "to_average_", "to_train_"]
+
+AVERAGE_KEYS = frozenset({"lr_max", "weight_sum", "eval_mode"})
+
+
+def init_average_state(device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """No weight yet; parameters hold the training point ``y``."""
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return {
+        "lr_max": zero,
+        "weight_sum": zero.clone(),
+        "eval_mode": torch.zeros((), dtype=torch.bool, device=device),
+    }
+
+
+def average_weight(
+    state: dict[str, Tensor], lr: Tensor, valid: Tensor
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The new state and this step's mixing weight ``c`` in ``x ← (1 − c)·x + c·z``.
+
+    Step ``t`` weighs ``w_t = (max_{s≤t} lr_s)²`` and ``c = w_t / Σ_{s≤t} w_s`` (Schedule-Free's
+    ``weight_lr_power = 2``): steps taken while the LR is still being found count little.
+    A skipped step (``valid`` False) leaves the state as it is and gives ``c = 0``.
+    """
+    lr = lr.to(state["lr_max"].dtype)
+    lr_max = torch.where(valid, torch.maximum(state["lr_max"], lr), state["lr_max"])
+    weight = torch.where(valid, lr_max * lr_max, torch.zeros_like(lr_max))
+    total = state["weight_sum"] + weight
+    mix = torch.where(total > 0, weight / torch.clamp(total, min=torch.finfo(total.dtype).tiny), 0)
+    return {**state, "lr_max": lr_max, "weight_sum": total}, mix
+
+
+def to_average_(params: list[Tensor], zs: list[Tensor], beta: float) -> None:
+    """Parameters from ``y`` to the average ``x = (y − (1 − β)·z)/β``, in place."""
+    _lerp_(params, zs, 1.0 - 1.0 / beta)
+
+
+def to_train_(params: list[Tensor], zs: list[Tensor], beta: float) -> None:
+    """Parameters from the average ``x`` back to ``y = β·x + (1 − β)·z``, in place."""
+    _lerp_(params, zs, 1.0 - beta)
+
+
+def _lerp_(params: list[Tensor], zs: list[Tensor], weight: float) -> None:
+    for p, z in zip(params, zs):
+        if p.dtype == z.dtype:
+            p.lerp_(z, weight)
+        else:  # half parameters, fp32 z: mix in fp32, round once
+            p.copy_(torch.lerp(p.to(z.dtype), z, weight))

@@ -1,0 +1,265 @@
+"""``EmoSens(average=True)``: Schedule-Free iterate averaging on the distance controller
+(emo_core/averaging.md). The math against an explicit three-sequence reference, the
+train/eval switch, and every contract of the step (no syncs, bitwise skips, exact resume)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from emo_core import EmoAiry, EmoCats, EmoSens
+from tests.core.cases import assert_same, scripted_losses, set_random_grads, small_model
+from tests.core.test_no_sync import count_host_reads
+
+AVERAGE = {"pulse": "distance", "average": True}
+KERNELS = ({"foreach": False}, {"foreach": True}, {"compile_update": True})
+
+
+def _train(model, opt, steps: range) -> None:
+    params = list(model.parameters())
+    losses = scripted_losses(steps.stop)
+    for step in steps:
+        set_random_grads(params, step)
+        opt.step(loss=abs(losses[step]) + 0.1)
+
+
+def test_the_update_is_schedule_free_adam_at_the_pulse() -> None:
+    """Against the textbook form that stores all three sequences: z steps by the
+    normalised gradient, x is the lr_max²-weighted average of z, y interpolates; the
+    parameters hold y while training and x after eval()."""
+    model = small_model()
+    params = list(model.parameters())
+    beta, beta2, eps, wd = 0.9, 0.995, 1e-8, 0.01
+    opt = EmoSens(params, weight_decay=wd, foreach=False, **AVERAGE)
+    z = [p.detach().double().clone() for p in params]
+    x = [t.clone() for t in z]
+    v = [torch.zeros_like(t) for t in z]
+    lr_max = weight_sum = 0.0
+    for step, loss in enumerate(scripted_losses(25)):
+        set_random_grads(params, step)
+        grads = [p.grad.double() for p in params]
+        opt.step(loss=abs(loss) + 0.1)
+        lr = opt.get_effective_lr()[0]
+        lr_max = max(lr_max, lr)
+        weight_sum += lr_max**2
+        c = lr_max**2 / weight_sum
+        for i, g in enumerate(grads):
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            z[i] = z[i] - lr * (g / (v[i].sqrt() + eps) + wd * z[i])
+            x[i] = (1 - c) * x[i] + c * z[i]
+            y = (1 - beta) * z[i] + beta * x[i]
+            torch.testing.assert_close(params[i].double(), y, rtol=1e-5, atol=1e-7)
+    opt.eval()
+    for p, want in zip(params, x):
+        torch.testing.assert_close(p.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", KERNELS[1:], ids=lambda k: next(iter(k)))
+def test_every_kernel_computes_the_same_step(impl: dict) -> None:
+    ref_model, model = small_model(), small_model()
+    ref = EmoSens(ref_model.parameters(), foreach=False, **AVERAGE)
+    opt = EmoSens(model.parameters(), **impl, **AVERAGE)
+    _train(ref_model, ref, range(12))
+    _train(model, opt, range(12))
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_average_beats_the_training_point_on_a_noisy_problem() -> None:
+    """What averaging is for: on noisy least squares the evaluated average is closer to the
+    solution than the iterate the gradients were taken at."""
+    gen = torch.Generator().manual_seed(0)
+    true_w = torch.randn(8, 16, generator=gen)
+    w = torch.zeros(8, 16, requires_grad=True)
+    opt = EmoSens([w], **AVERAGE)
+    for _ in range(400):
+        x = torch.randn(16, 16, generator=gen)
+        y = x @ true_w.T + 0.5 * torch.randn(16, 8, generator=gen)
+        loss = ((x @ w.T - y) ** 2).mean()
+        w.grad = None
+        loss.backward()
+        opt.step(loss=loss.detach())
+    at_y = (w.detach() - true_w).norm()
+    opt.eval()
+    at_x = (w.detach() - true_w).norm()
+    assert at_x < 0.7 * at_y
+    opt.train()
+    torch.testing.assert_close((w.detach() - true_w).norm(), at_y, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_and_train_switch_once_and_step_refuses_eval_mode() -> None:
+    model = small_model()
+    opt = EmoSens(model.parameters(), **AVERAGE)
+    _train(model, opt, range(10))
+    training = copy.deepcopy(model.state_dict())
+    opt.eval()
+    averaged = copy.deepcopy(model.state_dict())
+    opt.eval()  # already evaluating: nothing moves
+    assert_same(model.state_dict(), averaged)
+    assert any(not torch.equal(averaged[k], training[k]) for k in training)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(RuntimeError, match=r"eval mode.*optimizer\.train\(\)"):
+        opt.step(loss=1.0)
+    assert_same(model.state_dict(), averaged)
+    assert_same(opt.state_dict(), before)
+    opt.train()
+    opt.train()
+    for key, value in training.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    _train(model, opt, range(10, 12))
+
+
+@pytest.mark.parametrize("cls", [EmoSens, EmoAiry, EmoCats])
+def test_train_and_eval_are_no_ops_without_averaging(cls) -> None:
+    model = small_model()
+    opt = cls(model.parameters(), pulse="distance")
+    _train(model, opt, range(5))
+    before = copy.deepcopy(model.state_dict())
+    opt.eval()
+    assert_same(model.state_dict(), before)
+    _train(model, opt, range(5, 7))  # no eval-mode refusal either
+    opt.train()
+
+
+def test_step_makes_no_host_reads() -> None:
+    params = list(small_model().parameters())
+    opt = EmoSens(params, **AVERAGE)
+    for step, loss in enumerate(scripted_losses(5)):
+        set_random_grads(params, step)
+        with count_host_reads() as counts:
+            opt.step(loss=torch.tensor(loss))
+        assert sum(counts.values()) == 0, dict(counts)
+
+
+@pytest.mark.parametrize("impl", KERNELS[:2], ids=lambda k: f"foreach={k['foreach']}")
+@pytest.mark.parametrize("bad", ["nan_loss", "inf_grad"])
+def test_a_skipped_step_is_a_bitwise_no_op(impl: dict, bad: str) -> None:
+    model = small_model()
+    params = list(model.parameters())
+    opt = EmoSens(params, **impl, **AVERAGE)
+    _train(model, opt, range(4))
+    set_random_grads(params, 4)
+    if bad == "inf_grad":
+        params[0].grad[0, 0] = float("inf")
+    before_params = copy.deepcopy(model.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    opt.step(loss=float("nan") if bad == "nan_loss" else 0.3)
+    assert_same(model.state_dict(), before_params)
+    after = opt.state_dict()
+    emo_after, emo_before = (sd["param_groups"][0]["emo_state"] for sd in (after, before))
+    assert emo_after["emo_pulse"]["skipped"] == 1
+    emo_after["emo_pulse"]["skipped"] = emo_before["emo_pulse"]["skipped"]
+    emo_after["emo_meta"] = emo_before["emo_meta"]
+    assert_same(after, before)
+
+
+@pytest.mark.parametrize("save_in", ["train", "eval"])
+def test_resume_is_bitwise_exact(save_in: str) -> None:
+    """Saved while training, or in eval mode (model at the average, as one saves for
+    inference): the resumed run continues bitwise like the uninterrupted one."""
+    ref_model = small_model()
+    ref = EmoSens(ref_model.parameters(), **AVERAGE)
+    _train(ref_model, ref, range(15))
+    if save_in == "eval":
+        ref.eval()
+        ref.train()
+    _train(ref_model, ref, range(15, 30))
+    model = small_model()
+    opt = EmoSens(model.parameters(), **AVERAGE)
+    _train(model, opt, range(15))
+    if save_in == "eval":
+        opt.eval()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh_model = small_model(seed=5)
+    fresh_model.load_state_dict(saved["model"])
+    fresh = EmoSens(fresh_model.parameters(), **AVERAGE)
+    fresh.load_state_dict(saved["opt"])
+    if save_in == "eval":
+        with pytest.raises(RuntimeError, match="eval mode"):
+            fresh.step(loss=1.0)
+        fresh.train()
+    _train(fresh_model, fresh, range(15, 30))
+    assert_same(fresh_model.state_dict(), ref_model.state_dict())
+    assert_same(fresh.emo_state, ref.emo_state)
+
+
+def test_state_is_z_and_v_eight_bytes_per_parameter() -> None:
+    model = small_model()
+    opt = EmoSens(model.parameters(), **AVERAGE)
+    _train(model, opt, range(2))
+    for p in model.parameters():
+        assert sorted(opt.state[p]) == ["exp_avg_sq", "z"]
+        assert all(t.dtype == torch.float32 and t.shape == p.shape for t in opt.state[p].values())
+
+
+def test_a_state_dict_of_the_other_mode_is_refused_and_changes_nothing() -> None:
+    plain_model, model = small_model(), small_model()
+    plain = EmoSens(plain_model.parameters(), pulse="distance")
+    _train(plain_model, plain, range(3))
+    opt = EmoSens(model.parameters(), **AVERAGE)
+    _train(model, opt, range(3))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"Invalid state_dict: .*lacks \['z'\].*with average=True"):
+        opt.load_state_dict(plain.state_dict())
+    assert_same(opt.state_dict(), before)
+    with pytest.raises(
+        ValueError, match=r"Invalid state_dict: .*; a state saved with average=True needs"
+    ):
+        plain.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_multiplying_the_loss_by_a_constant_keeps_the_trajectory(scale: float) -> None:
+    def run(factor: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 1)
+        opt = EmoSens(model.parameters(), **AVERAGE)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(60):
+            x = torch.randn(32, 8, generator=gen)
+            loss = factor * ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+        opt.eval()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(1.0), run(scale)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_parameters_train_and_switch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(16, 16, generator=gen)
+    w = torch.zeros(16, 16, dtype=torch.bfloat16, requires_grad=True)
+    opt = EmoSens([w], **AVERAGE)
+    for _ in range(200):
+        loss = ((w.float() - target) ** 2).mean()
+        w.grad = None
+        loss.backward()
+        opt.step(loss=loss.detach())
+    assert opt.state[w]["z"].dtype == torch.float32
+    opt.eval()
+    assert w.dtype == torch.bfloat16
+    assert ((w.float() - target) ** 2).mean() < 0.1 * (target**2).mean()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"average": True}, r"average=True with pulse='v37'.*pulse='distance'"),
+        ({**AVERAGE, "use_shadow": True}, r"use_shadow=True with average=True"),
+        ({**AVERAGE, "fused": True}, r"fused=True with average=True"),
+        ({**AVERAGE, "betas": (0.0, 0.995)}, r"betas\[0\]=0 with average=True"),
+        ({"pulse": "distance", "average": "maybe"}, r"average"),
+    ],
+)
+def test_bad_options_raise_a_clear_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EmoSens(small_model().parameters(), **kwargs)
