@@ -141,7 +141,20 @@ def test_sweep_covers_1e4_to_3e2_and_every_family_is_present() -> None:
         f"{cls} pulse={pulse}"
         for pulse in ("v37", "distance")
         for cls in ("EmoSens", "EmoAiry", "EmoCats")
-    ]
+    ] + ["EmoSens pulse=distance average=True"]
+
+
+def test_emo_rows_switch_train_and_eval_so_averaging_evaluates_the_average() -> None:
+    averaged = next(c for c in CONTENDERS if "average=True" in c.name)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = averaged.build([p])
+    averaged.train_mode(opt)
+    p.grad = torch.ones(3)
+    averaged.step(opt, torch.tensor(1.0))
+    averaged.eval_mode(opt)
+    assert not opt.training
+    averaged.train_mode(opt)
+    assert opt.training
 
 
 def test_pulse_rows_exist_only_when_the_constructor_accepts_pulse() -> None:

@@ -32,6 +32,10 @@ OPTIMIZERS.update(
         for name, cls in list(OPTIMIZERS.items())
     }
 )
+# and Schedule-Free averaging on it (z sharded like its parameter).
+OPTIMIZERS["emosens-average-distance"] = functools.partial(
+    EmoSens, pulse="distance", average=True, lr=1e3
+)
 STEPS = 6
 
 
