@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
+from ._base import CPU_BLOCK, DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
 
 __all__ = ["EmoSens", "averaged_emosens", "emosens"]
@@ -248,11 +248,28 @@ def averaged_emosens(
     bucket: Bucket, *, beta: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
     """Functional averaged (Schedule-Free) EmoSens update of one bucket (``bucket.mix``)."""
+    options = {"beta": beta, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
+    if bucket.impl == "foreach" and bucket.is_plain_cpu():
+        # Large contiguous fp32 CPU tensors in cache-sized blocks, the rest multi-tensor.
+        large = [
+            i
+            for i, (p, g) in enumerate(zip(bucket.params, bucket.grads))
+            if p.numel() >= CPU_BLOCK
+            and p.dtype == torch.float32  # the int32 view of the bitwise mask
+            and p.is_contiguous()
+            and g.is_contiguous()
+        ]
+        if large:
+            blocked, rest = bucket.split(large)
+            _blocked_averaged(blocked, **options)
+            if rest is not None:
+                _foreach_averaged(rest, **options)
+            return
     kernel = {
         "foreach": _foreach_averaged,
         "single": _single_tensor_averaged,
     }.get(bucket.impl) or compiled(_single_tensor_averaged)
-    kernel(bucket, beta=beta, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    kernel(bucket, **options)
 
 
 def _single_tensor_averaged(
@@ -292,6 +309,40 @@ def _foreach_averaged(
     )
     torch._foreach_mul_(direction, lr)
     torch._foreach_sub_(zs, direction)
+
+
+def _blocked_averaged(
+    bucket: Bucket, *, beta: float, beta2: float, eps: float, weight_decay: float
+) -> None:
+    """The averaged rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK``
+    elements: the masked gradient and the direction live in two reused scratch buffers
+    that stay in L2, so each tensor is streamed from memory once."""
+    lr = bucket.step_lr()
+    mix = bucket.mix
+    keep2 = bucket.decay(beta2)
+    toward_y = lr * (beta * (1.0 - mix) - 1.0)
+    keep = bucket.keep_bits(torch.int32)
+    grad_block = torch.empty(CPU_BLOCK, dtype=torch.int32)
+    direction_block = torch.empty(CPU_BLOCK, dtype=lr.dtype)
+    for y, g, z, v in zip(
+        bucket.params, bucket.grads, bucket.states["z"], bucket.states["exp_avg_sq"]
+    ):
+        flat_y, flat_g, flat_z, flat_v = y.view(-1), g.view(-1), z.view(-1), v.view(-1)
+        for start in range(0, flat_y.numel(), CPU_BLOCK):
+            block = slice(start, start + CPU_BLOCK)
+            size = flat_y[block].numel()
+            g_block = torch.bitwise_and(
+                flat_g[block].view(torch.int32), keep, out=grad_block[:size]
+            ).view(lr.dtype)  # +0.0 everywhere on a skipped step
+            v_block, z_block, y_block = flat_v[block], flat_z[block], flat_y[block]
+            v_block.mul_(keep2).addcmul_(g_block, g_block, value=1.0 - beta2)
+            direction = torch.sqrt(v_block, out=direction_block[:size]).add_(eps)
+            torch.div(g_block, direction, out=direction)
+            if weight_decay:
+                direction.add_(z_block, alpha=weight_decay)
+            y_block.lerp_(z_block, mix)
+            y_block.addcmul_(direction, toward_y)
+            z_block.addcmul_(direction, lr, value=-1.0)
 
 
 _step_tensors: dict[torch.device, Tensor] = {}

@@ -68,6 +68,31 @@ def test_every_kernel_computes_the_same_step(impl: dict) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _big_model() -> torch.nn.Module:
+    """A tensor of >= CPU_BLOCK elements (blocked CPU kernel) beside small ones."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(400, 400), torch.nn.Linear(400, 3))
+
+
+@pytest.mark.parametrize("bad", [None, "inf_grad"])
+def test_the_blocked_cpu_kernel_matches_the_loop_and_skips_bitwise(bad: str | None) -> None:
+    ref_model, model = _big_model(), _big_model()
+    ref = EmoSens(ref_model.parameters(), foreach=False, **AVERAGE)
+    opt = EmoSens(model.parameters(), **AVERAGE)  # default: blocked for the 400x400 weight
+    _train(ref_model, ref, range(8))
+    _train(model, opt, range(8))
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    if bad:
+        params = list(model.parameters())
+        set_random_grads(params, 8)
+        params[0].grad[3, 7] = float("inf")
+        before, before_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+        opt.step(loss=0.5)
+        assert_same(model.state_dict(), before)
+        assert_same(opt.state_dict()["state"], before_opt["state"])
+
+
 def test_the_average_beats_the_training_point_on_a_noisy_problem() -> None:
     """What averaging is for: on noisy least squares the evaluated average is closer to the
     solution than the iterate the gradients were taken at."""
