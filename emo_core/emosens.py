@@ -303,12 +303,11 @@ def _foreach_averaged(
     direction = torch._foreach_div(grads, denom)
     if weight_decay:
         torch._foreach_add_(direction, zs, alpha=weight_decay)
-    torch._foreach_lerp_(bucket.params, zs, [mix] * len(zs))
-    torch._foreach_add_(
-        bucket.params, torch._foreach_mul(direction, lr * (beta * (1.0 - mix) - 1.0))
-    )
-    torch._foreach_mul_(direction, lr)
-    torch._foreach_sub_(zs, direction)
+    n = len(zs)
+    torch._foreach_lerp_(bucket.params, zs, [mix] * n)
+    # (lists of 0-dim tensors: no host read of the LR)
+    torch._foreach_addcmul_(bucket.params, direction, [lr * (beta * (1.0 - mix) - 1.0)] * n)
+    torch._foreach_addcmul_(zs, direction, [lr] * n, value=-1.0)
 
 
 def _blocked_averaged(
