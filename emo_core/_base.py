@@ -153,6 +153,22 @@ class Bucket:
             and all(type(p) in _PLAIN for p in self.params)
         )
 
+    def split_large(self) -> tuple[Bucket | None, Bucket | None]:
+        """``(large, rest)``: the contiguous fp32 tensors of at least ``CPU_BLOCK`` elements
+        (for a blocked CPU kernel, whose bitwise mask views them as int32) and the others;
+        None for an empty side. Only for :meth:`is_plain_cpu` buckets."""
+        large = [
+            i
+            for i, (p, g) in enumerate(zip(self.params, self.grads))
+            if p.numel() >= CPU_BLOCK
+            and p.dtype == torch.float32
+            and p.is_contiguous()
+            and g.is_contiguous()
+        ]
+        if not large:
+            return None, self
+        return self.split(large)
+
     def subset(self, indices: Iterable[int]) -> Bucket:
         """The bucket restricted to the tensors at ``indices``."""
         indices = list(indices)

@@ -77,16 +77,8 @@ def emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float) 
     """Functional EmoCats update of one bucket, dispatching to the chosen kernel."""
     if bucket.impl == "foreach" and bucket.is_plain_cpu():
         # Large contiguous CPU tensors in cache-sized blocks, the rest multi-tensor.
-        large = [
-            i
-            for i, (p, g) in enumerate(zip(bucket.params, bucket.grads))
-            if p.numel() >= CPU_BLOCK
-            and p.dtype == torch.float32  # the int32 view of the bitwise mask
-            and p.is_contiguous()
-            and g.is_contiguous()
-        ]
-        if large:
-            blocked, rest = bucket.split(large)
+        blocked, rest = bucket.split_large()
+        if blocked is not None:
             _blocked_emocats(blocked, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
             if rest is not None:
                 _foreach_emocats(rest, beta1=beta1, beta2=beta2, weight_decay=weight_decay)

@@ -251,16 +251,8 @@ def averaged_emosens(
     options = {"beta": beta, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
     if bucket.impl == "foreach" and bucket.is_plain_cpu():
         # Large contiguous fp32 CPU tensors in cache-sized blocks, the rest multi-tensor.
-        large = [
-            i
-            for i, (p, g) in enumerate(zip(bucket.params, bucket.grads))
-            if p.numel() >= CPU_BLOCK
-            and p.dtype == torch.float32  # the int32 view of the bitwise mask
-            and p.is_contiguous()
-            and g.is_contiguous()
-        ]
-        if large:
-            blocked, rest = bucket.split(large)
+        blocked, rest = bucket.split_large()
+        if blocked is not None:
             _blocked_averaged(blocked, **options)
             if rest is not None:
                 _foreach_averaged(rest, **options)
