@@ -171,16 +171,8 @@ class EmoSens(EmoOptimizer):
 
     def _update(self, bucket: Bucket) -> None:
         beta1, beta2 = bucket.group["betas"]
-        if bucket.mix is not None:
-            averaged_emosens(
-                bucket,
-                beta=beta1,
-                beta2=beta2,
-                eps=bucket.group["eps"],
-                weight_decay=bucket.group["weight_decay"],
-            )
-            return
-        emosens(
+        rule = emosens if bucket.mix is None else averaged_emosens  # (average=True)
+        rule(
             bucket,
             beta1=beta1,
             beta2=beta2,
@@ -245,10 +237,11 @@ def _foreach_emosens(
 
 
 def averaged_emosens(
-    bucket: Bucket, *, beta: float, beta2: float, eps: float, weight_decay: float
+    bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
-    """Functional averaged (Schedule-Free) EmoSens update of one bucket (``bucket.mix``)."""
-    options = {"beta": beta, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
+    """Functional averaged (Schedule-Free) EmoSens update of one bucket (``bucket.mix``);
+    ``beta1`` is the interpolation weight there."""
+    options = {"beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
     if bucket.impl == "foreach" and bucket.is_plain_cpu():
         # Large contiguous fp32 CPU tensors in cache-sized blocks, the rest multi-tensor.
         blocked, rest = bucket.split_large()
@@ -265,12 +258,12 @@ def averaged_emosens(
 
 
 def _single_tensor_averaged(
-    bucket: Bucket, *, beta: float, beta2: float, eps: float, weight_decay: float
+    bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
     lr = bucket.step_lr()
     mix = bucket.mix
     keep2 = bucket.decay(beta2)
-    toward_y = lr * (beta * (1.0 - mix) - 1.0)  # 0 on a skipped step, as mix
+    toward_y = lr * (beta1 * (1.0 - mix) - 1.0)  # 0 on a skipped step, as mix
     for y, g, z, v in zip(
         bucket.params, bucket.masked_grads(), bucket.states["z"], bucket.states["exp_avg_sq"]
     ):
@@ -282,7 +275,7 @@ def _single_tensor_averaged(
 
 
 def _foreach_averaged(
-    bucket: Bucket, *, beta: float, beta2: float, eps: float, weight_decay: float
+    bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
     lr = bucket.step_lr()
     mix = bucket.mix
@@ -298,12 +291,12 @@ def _foreach_averaged(
     n = len(zs)
     torch._foreach_lerp_(bucket.params, zs, [mix] * n)
     # (lists of 0-dim tensors: no host read of the LR)
-    torch._foreach_addcmul_(bucket.params, direction, [lr * (beta * (1.0 - mix) - 1.0)] * n)
+    torch._foreach_addcmul_(bucket.params, direction, [lr * (beta1 * (1.0 - mix) - 1.0)] * n)
     torch._foreach_addcmul_(zs, direction, [lr] * n, value=-1.0)
 
 
 def _blocked_averaged(
-    bucket: Bucket, *, beta: float, beta2: float, eps: float, weight_decay: float
+    bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
     """The averaged rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK``
     elements: the masked gradient and the direction live in two reused scratch buffers
@@ -311,7 +304,7 @@ def _blocked_averaged(
     lr = bucket.step_lr()
     mix = bucket.mix
     keep2 = bucket.decay(beta2)
-    toward_y = lr * (beta * (1.0 - mix) - 1.0)
+    toward_y = lr * (beta1 * (1.0 - mix) - 1.0)
     keep = bucket.keep_bits(torch.int32)
     grad_block = torch.empty(CPU_BLOCK, dtype=torch.int32)
     direction_block = torch.empty(CPU_BLOCK, dtype=lr.dtype)

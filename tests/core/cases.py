@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -74,6 +75,27 @@ def assert_same(a, b) -> None:
             assert_same(x, y)
     else:
         assert a == b or re.fullmatch("nan", str(a)) and str(b) == "nan"
+
+
+def assert_bad_step_is_a_no_op(model: nn.Module, opt, bad: str, step: int) -> dict:
+    """A step with a nan loss (``bad="nan_loss"``) or a nan/inf gradient (``"nan_grad"``,
+    ``"inf_grad"``) changes nothing but the skipped-step count and the step counter.
+    Returns the optimizer-wide state after it."""
+    params = list(model.parameters())
+    set_random_grads(params, step)
+    if bad.endswith("grad"):
+        params[0].grad[0, 0] = float(bad[:3])
+    before_params = copy.deepcopy(model.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    opt.step(loss=float("nan") if bad == "nan_loss" else 0.3)
+    assert_same(model.state_dict(), before_params)
+    after = opt.state_dict()
+    emo_after, emo_before = (sd["param_groups"][0]["emo_state"] for sd in (after, before))
+    assert emo_after["emo_pulse"]["skipped"] == 1
+    emo_after["emo_pulse"]["skipped"] = emo_before["emo_pulse"]["skipped"]
+    emo_after["emo_meta"] = emo_before["emo_meta"]
+    assert_same(after, before)
+    return emo_after
 
 
 SENSOR_KEYS = ("ema_short", "ema_medium", "ema_long", "scalar", "trust", "noise", "d", "H", "pulse")
