@@ -522,7 +522,8 @@ class EmoOptimizer(Optimizer):
 
         meta = self.emo_state[META_STATE_KEY]
         meta["steps"] += 1
-        mix = self._advance_average(valid) if self.average else None
+        # (no gradient at all: nothing steps, so no averaging weight is spent)
+        mix = self._advance_average(valid) if self.average and has_grads else None
         for group, params in zip(self.param_groups, work):
             if params:
                 self._step_group(group, params, valid, meta, mix)

@@ -131,7 +131,7 @@ def test_set_optimizer_accepts_emo_names(tmp_path):
         ("max_lr=fast", r"max_lr='fast' for EmoSens: expected float"),
         (
             "momentum=0.9",
-            r"key 'momentum' for EmoSens; accepted keys: betas, capture_loss, compile_update, eps",
+            r"key 'momentum' for EmoSens; accepted keys: average, betas, capture_loss, compile_update",
         ),
         ("lr=2.0", r"use learning_rate"),
         ("weight_decay=0.1", r"use weight_decay"),
