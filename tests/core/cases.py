@@ -77,6 +77,16 @@ def assert_same(a, b) -> None:
         assert a == b or re.fullmatch("nan", str(a)) and str(b) == "nan"
 
 
+def train_scripted(model: nn.Module, opt, steps: range) -> None:
+    """Steps ``steps`` of random gradients and a positive version of :func:`scripted_losses`
+    (the same at a given step index, so a resumed run continues the same sequence)."""
+    params = list(model.parameters())
+    losses = scripted_losses(steps.stop)
+    for step in steps:
+        set_random_grads(params, step)
+        opt.step(loss=abs(losses[step]) + 0.1)
+
+
 def assert_bad_step_is_a_no_op(model: nn.Module, opt, bad: str, step: int) -> dict:
     """A step with a nan loss (``bad="nan_loss"``) or a nan/inf gradient (``"nan_grad"``,
     ``"inf_grad"``) changes nothing but the skipped-step count and the step counter.

@@ -17,19 +17,12 @@ from tests.core.cases import (
     scripted_losses,
     set_random_grads,
     small_model,
+    train_scripted,
 )
 from tests.core.test_no_sync import count_host_reads
 
 AVERAGE = {"pulse": "distance", "average": True}
 KERNELS = ({"foreach": False}, {"foreach": True}, {"compile_update": True})
-
-
-def _train(model, opt, steps: range) -> None:
-    params = list(model.parameters())
-    losses = scripted_losses(steps.stop)
-    for step in steps:
-        set_random_grads(params, step)
-        opt.step(loss=abs(losses[step]) + 0.1)
 
 
 def test_the_update_is_schedule_free_adam_at_the_pulse() -> None:
@@ -68,8 +61,8 @@ def test_every_kernel_computes_the_same_step(impl: dict) -> None:
     ref_model, model = small_model(), small_model()
     ref = EmoSens(ref_model.parameters(), foreach=False, **AVERAGE)
     opt = EmoSens(model.parameters(), **impl, **AVERAGE)
-    _train(ref_model, ref, range(12))
-    _train(model, opt, range(12))
+    train_scripted(ref_model, ref, range(12))
+    train_scripted(model, opt, range(12))
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -85,8 +78,8 @@ def test_the_blocked_cpu_kernel_matches_the_loop_and_skips_bitwise(bad: str | No
     ref_model, model = _big_model(), _big_model()
     ref = EmoSens(ref_model.parameters(), foreach=False, **AVERAGE)
     opt = EmoSens(model.parameters(), **AVERAGE)  # default: blocked for the 400x400 weight
-    _train(ref_model, ref, range(8))
-    _train(model, opt, range(8))
+    train_scripted(ref_model, ref, range(8))
+    train_scripted(model, opt, range(8))
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     if bad:
@@ -124,7 +117,7 @@ def test_the_average_beats_the_training_point_on_a_noisy_problem() -> None:
 def test_eval_and_train_switch_once_and_step_refuses_eval_mode() -> None:
     model = small_model()
     opt = EmoSens(model.parameters(), **AVERAGE)
-    _train(model, opt, range(10))
+    train_scripted(model, opt, range(10))
     training = copy.deepcopy(model.state_dict())
     opt.eval()
     averaged = copy.deepcopy(model.state_dict())
@@ -140,18 +133,18 @@ def test_eval_and_train_switch_once_and_step_refuses_eval_mode() -> None:
     opt.train()
     for key, value in training.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-6, atol=1e-7)
-    _train(model, opt, range(10, 12))
+    train_scripted(model, opt, range(10, 12))
 
 
 @pytest.mark.parametrize("cls", [EmoSens, EmoAiry, EmoCats])
 def test_train_and_eval_are_no_ops_without_averaging(cls) -> None:
     model = small_model()
     opt = cls(model.parameters(), pulse="distance")
-    _train(model, opt, range(5))
+    train_scripted(model, opt, range(5))
     before = copy.deepcopy(model.state_dict())
     opt.eval()
     assert_same(model.state_dict(), before)
-    _train(model, opt, range(5, 7))  # no eval-mode refusal either
+    train_scripted(model, opt, range(5, 7))  # no eval-mode refusal either
     opt.train()
 
 
@@ -171,7 +164,7 @@ def test_a_skipped_step_is_a_bitwise_no_op(impl: dict, bad: str) -> None:
     model = small_model()
     params = list(model.parameters())
     opt = EmoSens(params, **impl, **AVERAGE)
-    _train(model, opt, range(4))
+    train_scripted(model, opt, range(4))
     assert "emo_average" in assert_bad_step_is_a_no_op(model, opt, bad, step=4)
 
 
@@ -181,14 +174,14 @@ def test_resume_is_bitwise_exact(save_in: str) -> None:
     inference): the resumed run continues bitwise like the uninterrupted one."""
     ref_model = small_model()
     ref = EmoSens(ref_model.parameters(), **AVERAGE)
-    _train(ref_model, ref, range(15))
+    train_scripted(ref_model, ref, range(15))
     if save_in == "eval":
         ref.eval()
         ref.train()
-    _train(ref_model, ref, range(15, 30))
+    train_scripted(ref_model, ref, range(15, 30))
     model = small_model()
     opt = EmoSens(model.parameters(), **AVERAGE)
-    _train(model, opt, range(15))
+    train_scripted(model, opt, range(15))
     if save_in == "eval":
         opt.eval()
     buffer = io.BytesIO()
@@ -203,7 +196,7 @@ def test_resume_is_bitwise_exact(save_in: str) -> None:
         with pytest.raises(RuntimeError, match="eval mode"):
             fresh.step(loss=1.0)
         fresh.train()
-    _train(fresh_model, fresh, range(15, 30))
+    train_scripted(fresh_model, fresh, range(15, 30))
     assert_same(fresh_model.state_dict(), ref_model.state_dict())
     assert_same(fresh.emo_state, ref.emo_state)
 
@@ -211,7 +204,7 @@ def test_resume_is_bitwise_exact(save_in: str) -> None:
 def test_state_is_z_and_v_eight_bytes_per_parameter() -> None:
     model = small_model()
     opt = EmoSens(model.parameters(), **AVERAGE)
-    _train(model, opt, range(2))
+    train_scripted(model, opt, range(2))
     for p in model.parameters():
         assert sorted(opt.state[p]) == ["exp_avg_sq", "z"]
         assert all(t.dtype == torch.float32 and t.shape == p.shape for t in opt.state[p].values())
@@ -220,9 +213,9 @@ def test_state_is_z_and_v_eight_bytes_per_parameter() -> None:
 def test_a_state_dict_of_the_other_mode_is_refused_and_changes_nothing() -> None:
     plain_model, model = small_model(), small_model()
     plain = EmoSens(plain_model.parameters(), pulse="distance")
-    _train(plain_model, plain, range(3))
+    train_scripted(plain_model, plain, range(3))
     opt = EmoSens(model.parameters(), **AVERAGE)
-    _train(model, opt, range(3))
+    train_scripted(model, opt, range(3))
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=r"Invalid state_dict: .*lacks \['z'\].*with average=True"):
         opt.load_state_dict(plain.state_dict())

@@ -21,6 +21,7 @@ from tests.core.cases import (
     scripted_losses,
     set_random_grads,
     small_model,
+    train_scripted,
 )
 from tests.core.test_no_sync import count_host_reads
 
@@ -153,22 +154,14 @@ def test_a_skipped_step_is_a_bitwise_no_op(name: str, bad: str) -> None:
     assert "emo_distance" in assert_bad_step_is_a_no_op(model, opt, bad, step=4)
 
 
-def _train(model, opt, steps: range) -> None:
-    params = list(model.parameters())
-    losses = scripted_losses(steps.stop)
-    for step in steps:
-        set_random_grads(params, step)
-        opt.step(loss=abs(losses[step]) + 0.1)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_is_bitwise_exact(name: str) -> None:
     ref_model = small_model()
     ref = OPTIMIZERS[name](ref_model.parameters(), **DISTANCE)
-    _train(ref_model, ref, range(30))
+    train_scripted(ref_model, ref, range(30))
     model = small_model()
     opt = OPTIMIZERS[name](model.parameters(), **DISTANCE)
-    _train(model, opt, range(15))
+    train_scripted(model, opt, range(15))
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
@@ -177,7 +170,7 @@ def test_resume_is_bitwise_exact(name: str) -> None:
     fresh_model.load_state_dict(saved["model"])
     fresh = OPTIMIZERS[name](fresh_model.parameters(), **DISTANCE)
     fresh.load_state_dict(saved["opt"])
-    _train(fresh_model, fresh, range(15, 30))
+    train_scripted(fresh_model, fresh, range(15, 30))
     assert_same(fresh_model.state_dict(), ref_model.state_dict())
     assert_same(fresh.emo_state["emo_distance"], ref.emo_state["emo_distance"])
     assert fresh.get_effective_lr() == ref.get_effective_lr()
@@ -196,7 +189,7 @@ CONTROLLER_CORRUPTIONS = {
 def test_a_corrupt_controller_state_is_refused_and_changes_nothing(name: str, case: str) -> None:
     model = small_model()
     opt = OPTIMIZERS[name](model.parameters(), **DISTANCE)
-    _train(model, opt, range(5))
+    train_scripted(model, opt, range(5))
     saved = copy.deepcopy(opt.state_dict())
     corrupt, message = CONTROLLER_CORRUPTIONS[case]
     corrupt(saved["param_groups"][0]["emo_state"]["emo_distance"])
@@ -204,7 +197,7 @@ def test_a_corrupt_controller_state_is_refused_and_changes_nothing(name: str, ca
     with pytest.raises(ValueError, match=f"Invalid state_dict: .*emo_distance.*{message}"):
         opt.load_state_dict(saved)
     assert_same(opt.state_dict(), before)
-    _train(model, opt, range(5, 7))  # still steps
+    train_scripted(model, opt, range(5, 7))  # still steps
 
 
 def test_the_sample_is_bounded_and_state_is_about_zero_bytes_per_parameter() -> None:
