@@ -1,4 +1,6 @@
 # Two entry points that work on a fresh clone: `make demo` and `make test`.
+# make test runs the suite on two workers (pytest-xdist), one test file per worker at a time:
+# the machines have two cores and every test uses one intra-op thread.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python -m emo_bench demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
