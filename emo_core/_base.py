@@ -100,7 +100,8 @@ class Bucket:
     parameters); ``lr`` is the effective LR and ``valid`` the step's finite flag, both 0-dim
     on the bucket's device. An update rule must leave every tensor bitwise unchanged when
     ``valid`` is False. ``mix`` is the averaging weight ``c`` of ``average=True``
-    (``averaging.py``; 0 on a skipped step), None without averaging.
+    (``averaging.py``; 0 on a skipped step) and ``average_steps`` the valid steps counted so
+    far (this one included), both None without averaging.
     """
 
     params: list[Tensor]
@@ -111,6 +112,7 @@ class Bucket:
     group: dict[str, Any]
     impl: str
     mix: Tensor | None = None
+    average_steps: Tensor | None = None
 
     def masked_grads(self) -> list[Tensor]:
         """Gradients with every element zeroed on a skipped step (so 0 * grad stays 0)."""
@@ -523,10 +525,10 @@ class EmoOptimizer(Optimizer):
         meta = self.emo_state[META_STATE_KEY]
         meta["steps"] += 1
         # (no gradient at all: nothing steps, so no averaging weight is spent)
-        mix = self._advance_average(valid) if self.average and has_grads else None
+        average = self._advance_average(valid) if self.average and has_grads else None
         for group, params in zip(self.param_groups, work):
             if params:
-                self._step_group(group, params, valid, meta, mix)
+                self._step_group(group, params, valid, meta, average)
         if self.writer is not None:
             steps = int(meta["steps"])
             if steps % self.log_every == 0:
@@ -673,11 +675,12 @@ class EmoOptimizer(Optimizer):
         sensor["pulse"] = torch.where(valid, lr, sensor["pulse"])
 
     # ------------------------------------------------------------ iterate averaging
-    def _advance_average(self, valid: Tensor) -> Tensor:
-        """This step's averaging weight ``c`` (``averaging.py``), from the pulse."""
+    def _advance_average(self, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """This step's averaging weight ``c`` (``averaging.py``), from the pulse, and the
+        count of valid steps (for the bias correction of ``v``)."""
         state, mix = average_weight(self.emo_state[AVERAGE_STATE_KEY], self._sensor["pulse"], valid)
         self.emo_state[AVERAGE_STATE_KEY] = state
-        return mix
+        return mix, state["steps"]
 
     @torch.no_grad()
     def train(self) -> None:
@@ -720,7 +723,7 @@ class EmoOptimizer(Optimizer):
         params: list[tuple[int, Tensor]],
         valid: Tensor,
         meta: dict[str, Any],
-        mix: Tensor | None = None,
+        average: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for _, p in params:
@@ -752,6 +755,11 @@ class EmoOptimizer(Optimizer):
                 work_grads = [_as_compute(p.grad, compute_dtype, None) for p in originals]
             if self.maximize:  # ascend: the rules descend along -g
                 work_grads = torch._foreach_neg(work_grads)
+            mix, average_steps = (
+                (None, None)
+                if average is None
+                else (t.to(device=device, dtype=compute_dtype) for t in average)
+            )
             bucket = Bucket(
                 params=work_params,
                 grads=work_grads,
@@ -760,7 +768,8 @@ class EmoOptimizer(Optimizer):
                 valid=valid.to(device),
                 group=group,
                 impl=self._pick_impl(originals, per_param, compute_dtype),
-                mix=None if mix is None else mix.to(device=device, dtype=compute_dtype),
+                mix=mix,
+                average_steps=average_steps,
             )
             if group["use_shadow"]:
                 self._apply_shadow(bucket, [state["shadow"] for state in per_param])
@@ -917,6 +926,10 @@ class EmoOptimizer(Optimizer):
             sensor = self._sensor["ema_long"]
             fresh = init_average_state(sensor.device, sensor.dtype)
             averaging = self.emo_state.setdefault(AVERAGE_STATE_KEY, fresh)
+            # (saved before the step count existed: weights spent, no count) the steps taken
+            older = (averaging["steps"] == 0) & (averaging["weight_sum"] > 0)
+            taken = plan.meta["steps"].to(averaging["steps"])
+            averaging["steps"] = torch.where(older, taken, averaging["steps"])
             self._flags["eval_mode"] = bool(averaging["eval_mode"])
         self._plan.update(plan=None, layout=None)  # the sample plan is rebuilt at the next step
         self._flags["warned_no_loss"] = False

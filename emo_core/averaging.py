@@ -12,17 +12,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["AVERAGE_KEYS", "average_weight", "init_average_state", "to_average_", "to_train_"]
+__all__ = [
+    "AVERAGE_KEYS",
+    "average_weight",
+    "init_average_state",
+    "inverse_bias_correction",
+    "to_average_",
+    "to_train_",
+]
 
-AVERAGE_KEYS = frozenset({"lr_max", "weight_sum", "eval_mode"})
+AVERAGE_KEYS = frozenset({"lr_max", "weight_sum", "steps", "eval_mode"})
 
 
 def init_average_state(device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    """No weight yet; parameters hold the training point ``y``."""
+    """No weight yet, no step taken; parameters hold the training point ``y``."""
     zero = torch.zeros((), dtype=dtype, device=device)
     return {
         "lr_max": zero,
         "weight_sum": zero.clone(),
+        "steps": zero.clone(),  # valid steps taken: the second moment's bias correction
         "eval_mode": torch.zeros((), dtype=torch.bool, device=device),
     }
 
@@ -34,14 +42,21 @@ def average_weight(
 
     Step ``t`` weighs ``w_t = (max_{s≤t} lr_s)²`` and ``c = w_t / Σ_{s≤t} w_s`` (Schedule-Free's
     ``weight_lr_power = 2``): steps taken while the LR is still being found count little.
-    A skipped step (``valid`` False) leaves the state as it is and gives ``c = 0``.
+    ``steps`` counts the valid steps (for the bias correction of ``v``). A skipped step
+    (``valid`` False) leaves the state as it is and gives ``c = 0``.
     """
     lr = lr.to(state["lr_max"].dtype)
     lr_max = torch.where(valid, torch.maximum(state["lr_max"], lr), state["lr_max"])
     weight = torch.where(valid, lr_max * lr_max, torch.zeros_like(lr_max))
     total = state["weight_sum"] + weight
     mix = torch.where(total > 0, weight / torch.clamp(total, min=torch.finfo(total.dtype).tiny), 0)
-    return {**state, "lr_max": lr_max, "weight_sum": total}, mix
+    steps = state["steps"] + valid.to(state["steps"].dtype)
+    return {**state, "lr_max": lr_max, "weight_sum": total, "steps": steps}, mix
+
+
+def inverse_bias_correction(steps: Tensor, beta2: float) -> Tensor:
+    """``1/√(1 − β2^k)`` for ``k = max(steps, 1)``: ``√v`` times this is Adam's ``√v̂``."""
+    return torch.rsqrt(1.0 - torch.pow(beta2, torch.clamp(steps, min=1.0)))
 
 
 def to_average_(params: list[Tensor], zs: list[Tensor], beta: float) -> None:

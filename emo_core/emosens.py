@@ -6,8 +6,9 @@ path on fp32 parameters is torch's fused AdamW kernel with a step count large en
 ``1 − β^step`` is exactly 1, and the skipped-step flag passed as ``found_inf``.
 
 With ``average=True`` (Schedule-Free averaging, ``averaging.md``) the state holds ``z`` in
-place of ``m``: ``u = g/(√v + eps) + wd·z``; ``y ← lerp(y, z, c) + lr·(β1·(1 − c) − 1)·u``;
-``z ← z − lr·u`` (``y`` the parameters, ``c`` the step's averaging weight).
+place of ``m``: ``u = g/(√v̂ + eps) + wd·z`` with Adam's ``v̂ = v/(1 − β2^k)``;
+``y ← lerp(y, z, c) + lr·(β1·(1 − c) − 1)·u``; ``z ← z − lr·u`` (``y`` the parameters,
+``c`` the step's averaging weight).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from ._base import CPU_BLOCK, DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
+from .averaging import inverse_bias_correction
 
 __all__ = ["EmoSens", "averaged_emosens", "emosens"]
 
@@ -263,12 +265,13 @@ def _single_tensor_averaged(
     lr = bucket.step_lr()
     mix = bucket.mix
     keep2 = bucket.decay(beta2)
+    unbias = inverse_bias_correction(bucket.average_steps, beta2)
     toward_y = lr * (beta1 * (1.0 - mix) - 1.0)  # 0 on a skipped step, as mix
     for y, g, z, v in zip(
         bucket.params, bucket.masked_grads(), bucket.states["z"], bucket.states["exp_avg_sq"]
     ):
         v.mul_(keep2).addcmul_(g, g, value=1.0 - beta2)
-        u = torch.add(g / (v.sqrt() + eps), z, alpha=weight_decay)
+        u = torch.add(g / (v.sqrt() * unbias + eps), z, alpha=weight_decay)
         y.lerp_(z, mix)
         y.add_(u * toward_y)
         z.sub_(u * lr)
@@ -283,12 +286,14 @@ def _foreach_averaged(
     zs, exp_avg_sqs = bucket.states["z"], bucket.states["exp_avg_sq"]
     torch._foreach_mul_(exp_avg_sqs, bucket.decay(beta2))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    n = len(zs)
     denom = torch._foreach_sqrt(exp_avg_sqs)
+    # (a list of 0-dim tensors: no host read)
+    torch._foreach_mul_(denom, [inverse_bias_correction(bucket.average_steps, beta2)] * n)
     torch._foreach_add_(denom, eps)
     direction = torch._foreach_div(grads, denom)
     if weight_decay:
         torch._foreach_add_(direction, zs, alpha=weight_decay)
-    n = len(zs)
     torch._foreach_lerp_(bucket.params, zs, [mix] * n)
     # (lists of 0-dim tensors: no host read of the LR)
     torch._foreach_addcmul_(bucket.params, direction, [lr * (beta1 * (1.0 - mix) - 1.0)] * n)
@@ -305,6 +310,7 @@ def _blocked_averaged(
     mix = bucket.mix
     keep2 = bucket.decay(beta2)
     toward_y = lr * (beta1 * (1.0 - mix) - 1.0)
+    unbias = inverse_bias_correction(bucket.average_steps, beta2)
     keep = bucket.keep_bits(torch.int32)
     grad_block = torch.empty(CPU_BLOCK, dtype=torch.int32)
     direction_block = torch.empty(CPU_BLOCK, dtype=lr.dtype)
@@ -320,7 +326,7 @@ def _blocked_averaged(
             ).view(lr.dtype)  # +0.0 everywhere on a skipped step
             v_block, z_block, y_block = flat_v[block], flat_z[block], flat_y[block]
             v_block.mul_(keep2).addcmul_(g_block, g_block, value=1.0 - beta2)
-            direction = torch.sqrt(v_block, out=direction_block[:size]).add_(eps)
+            direction = torch.sqrt(v_block, out=direction_block[:size]).mul_(unbias).add_(eps)
             torch.div(g_block, direction, out=direction)
             if weight_decay:
                 direction.add_(z_block, alpha=weight_decay)

@@ -34,6 +34,10 @@ from .distributed import local_shard
 from .precision import default_state_dtype
 from .settle import SETTLE_KEYS
 
+DEFAULTED_KEYS = SETTLE_KEYS | {"steps"}
+"""Controller entries a state saved by an earlier version may lack (they load fresh):
+settling's, and the averaging step count (``_base.load_state_dict`` fills that one in)."""
+
 if TYPE_CHECKING:
     from ._base import EmoOptimizer
 
@@ -138,7 +142,7 @@ def checked_load(opt: EmoOptimizer, state_dict: Any) -> LoadPlan:
         template = opt._controller_template(key, saved) if isinstance(saved, Mapping) else None
         if template is None:
             _fail(f"the optimizer-wide entry {key!r} is not known to {type(opt).__name__}")
-        controller[key] = _checked_scalars(key, saved, template, SETTLE_KEYS)
+        controller[key] = _checked_scalars(key, saved, template, DEFAULTED_KEYS)
     torch_groups = []
     for saved, checked in zip(saved_groups, groups):
         torch_groups.append({**checked, "params": list(saved["params"])})

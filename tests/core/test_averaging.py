@@ -27,8 +27,8 @@ KERNELS = ({"foreach": False}, {"foreach": True}, {"compile_update": True})
 
 def test_the_update_is_schedule_free_adam_at_the_pulse() -> None:
     """Against the textbook form that stores all three sequences: z steps by the
-    normalised gradient, x is the lr_max²-weighted average of z, y interpolates; the
-    parameters hold y while training and x after eval()."""
+    normalised gradient (Adam's bias-corrected v̂), x is the lr_max²-weighted average of z,
+    y interpolates; the parameters hold y while training and x after eval()."""
     model = small_model()
     params = list(model.parameters())
     beta, beta2, eps, wd = 0.9, 0.995, 1e-8, 0.01
@@ -47,7 +47,8 @@ def test_the_update_is_schedule_free_adam_at_the_pulse() -> None:
         c = lr_max**2 / weight_sum
         for i, g in enumerate(grads):
             v[i] = beta2 * v[i] + (1 - beta2) * g * g
-            z[i] = z[i] - lr * (g / (v[i].sqrt() + eps) + wd * z[i])
+            v_hat = v[i] / (1 - beta2 ** (step + 1))
+            z[i] = z[i] - lr * (g / (v_hat.sqrt() + eps) + wd * z[i])
             x[i] = (1 - c) * x[i] + c * z[i]
             y = (1 - beta) * z[i] + beta * x[i]
             torch.testing.assert_close(params[i].double(), y, rtol=1e-5, atol=1e-7)
@@ -166,6 +167,38 @@ def test_a_skipped_step_is_a_bitwise_no_op(impl: dict, bad: str) -> None:
     opt = EmoSens(params, **impl, **AVERAGE)
     train_scripted(model, opt, range(4))
     assert "emo_average" in assert_bad_step_is_a_no_op(model, opt, bad, step=4)
+
+
+@pytest.mark.parametrize("impl", KERNELS, ids=lambda k: next(iter(k)))
+def test_a_skipped_first_step_changes_no_parameter_and_counts_no_step(impl: dict) -> None:
+    """The bias correction of a step counts the valid steps; before the first one there is
+    none to correct (1 − β2⁰ = 0), and a skipped first step must still leave every
+    parameter bitwise as it was (not 0·inf = nan)."""
+    model = small_model()
+    params = list(model.parameters())
+    opt = EmoSens(params, **impl, **AVERAGE)
+    before = copy.deepcopy(model.state_dict())
+    set_random_grads(params, 0)
+    opt.step(loss=float("nan"))
+    assert_same(model.state_dict(), before)
+    assert opt.emo_state["emo_average"]["steps"] == 0
+    train_scripted(model, opt, range(1, 4))
+    assert opt.emo_state["emo_average"]["steps"] == 3
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_a_state_saved_before_the_step_count_resumes_with_the_steps_taken() -> None:
+    """An averaged state written by the first version of this mode (no ``steps`` entry)
+    loads, and its count is the optimizer's step count (not 0, which would shrink the next
+    steps ~14x as if v had just started)."""
+    model = small_model()
+    opt = EmoSens(model.parameters(), **AVERAGE)
+    train_scripted(model, opt, range(6))
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["emo_state"]["emo_average"]["steps"]
+    fresh = EmoSens(small_model().parameters(), **AVERAGE)
+    fresh.load_state_dict(saved)
+    assert fresh.emo_state["emo_average"]["steps"] == 6
 
 
 @pytest.mark.parametrize("save_in", ["train", "eval"])
