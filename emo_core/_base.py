@@ -35,7 +35,14 @@ from torch.optim import Optimizer
 from . import capture, state_check
 from ._validation import as_bool, as_float_dtype, as_int, check_lr, check_range, loss_to_tensor
 from .averaging import average_weight, init_average_state, to_average_, to_train_
-from .distance import D0, distance_update, gather_sample, init_distance_state, plan_sample
+from .distance import (
+    D0,
+    GROWTH,
+    distance_update,
+    gather_sample,
+    init_distance_state,
+    plan_sample,
+)
 from .distributed import local_shard, mean_loss_over_ranks, world_size
 from .lr_guard import warn_if_small_lr
 from .metrics import metric_values
@@ -670,6 +677,7 @@ class EmoOptimizer(Optimizer):
             max_lr=self.max_lr,
             direction_power=self.direction_power,
             settle=not self.average,
+            growth=math.inf if self.average else GROWTH,
         )
         self.emo_state[DISTANCE_STATE_KEY] = state
         sensor["pulse"] = torch.where(valid, lr, sensor["pulse"])

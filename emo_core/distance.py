@@ -330,6 +330,7 @@ def distance_update(
     max_lr: float,
     direction_power: float,
     settle: bool = True,
+    growth: float = GROWTH,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Advance the controller one step; returns the new state and the base LR.
 
@@ -348,6 +349,8 @@ def distance_update(
             EmoSens would. EmoAiry's unclipped ``g/√v̂`` lies between them: p = 0.5.
         settle: apply settling's factor (off under iterate averaging, which replaces the
             annealing; its state still advances).
+        growth: the most ``d`` may grow per step (:data:`GROWTH`; ``math.inf`` under iterate
+            averaging, whose bias-corrected moments are not stale early, ``averaging.md``).
     """
     jolt = outlier_brake(state, loss)
     x0 = torch.where(state["started"], state["x0"], x)
@@ -359,7 +362,7 @@ def distance_update(
     s = torch.addcmul(BETA3 * state["s"], weighted_g, lam.to(g.dtype))  # kept weighted
     den = torch.linalg.vector_norm(s, 1).to(d.dtype)
     d_hat = num / torch.clamp(den, min=torch.finfo(den.dtype).tiny)  # 0 while den = 0
-    d_new = torch.clamp(torch.maximum(d, torch.minimum(d_hat, d * GROWTH)), max=max_lr)
+    d_new = torch.clamp(torch.maximum(d, torch.minimum(d_hat, d * growth)), max=max_lr)
     out = {
         "d": torch.where(valid, d_new, d),
         "num": torch.where(valid, num, state["num"]),

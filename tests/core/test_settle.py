@@ -81,10 +81,10 @@ def test_an_invalid_step_changes_nothing():
     assert_same(after, state)
 
 
-def _noisy_quadratic_lr(cls, steps: int) -> list[float]:
+def _noisy_quadratic_lr(cls, steps: int, **options) -> list[float]:
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.full((32,), 3.0))
-    opt = cls([w], lr=1.0, pulse="distance")
+    opt = cls([w], lr=1.0, pulse="distance", **options)
     lrs = []
     for _ in range(steps):
         target = torch.randn(32)  # batch-1 noise: the minimum of the mean is w = 0
@@ -106,6 +106,13 @@ def test_the_scale_grows_at_most_by_the_growth_limit_per_step():
     lrs = _noisy_quadratic_lr(EmoSens, 40)
     for k, lr in enumerate(lrs, start=1):
         assert lr <= D0 * GROWTH**k * (1 + 1e-6)
+
+
+def test_under_iterate_averaging_the_scale_follows_its_estimate_at_once():
+    """Averaging bias-corrects v, so the early moments are not stale and the growth limit is
+    off: the scale reaches in a few steps what the limit would take dozens for."""
+    lrs = _noisy_quadratic_lr(EmoSens, 40, average=True)
+    assert any(lr > 10 * D0 * GROWTH**k for k, lr in enumerate(lrs, start=1))
 
 
 def test_a_state_dict_from_before_settling_loads_and_starts_it_fresh():
