@@ -934,7 +934,8 @@ class EmoOptimizer(Optimizer):
             sensor = self._sensor["ema_long"]
             fresh = init_average_state(sensor.device, sensor.dtype)
             averaging = self.emo_state.setdefault(AVERAGE_STATE_KEY, fresh)
-            # (saved before the step count existed: weights spent, no count) the steps taken
+            # A state saved before the averaging step count existed (weights spent, count 0)
+            # counts the optimizer's steps, so the bias correction does not restart.
             older = (averaging["steps"] == 0) & (averaging["weight_sum"] > 0)
             taken = plan.meta["steps"].to(averaging["steps"])
             averaging["steps"] = torch.where(older, taken, averaging["steps"])
