@@ -13,15 +13,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "AVERAGE_KEYS",
     "average_weight",
     "init_average_state",
     "inverse_bias_correction",
     "to_average_",
     "to_train_",
 ]
-
-AVERAGE_KEYS = frozenset({"lr_max", "weight_sum", "steps", "eval_mode"})
 
 
 def init_average_state(device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
