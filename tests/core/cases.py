@@ -95,9 +95,15 @@ def assert_bad_step_is_a_no_op(model: nn.Module, opt, bad: str, step: int) -> di
     set_random_grads(params, step)
     if bad.endswith("grad"):
         params[0].grad[0, 0] = float(bad[:3])
+    return assert_step_is_skipped(model, opt, float("nan") if bad == "nan_loss" else 0.3)
+
+
+def assert_step_is_skipped(model: nn.Module, opt, loss: float) -> dict:
+    """``opt.step(loss=loss)`` with the gradients as they are changes nothing but the
+    skipped-step count and the step counter. Returns the optimizer-wide state after it."""
     before_params = copy.deepcopy(model.state_dict())
     before = copy.deepcopy(opt.state_dict())
-    opt.step(loss=float("nan") if bad == "nan_loss" else 0.3)
+    opt.step(loss=loss)
     assert_same(model.state_dict(), before_params)
     after = opt.state_dict()
     emo_after, emo_before = (sd["param_groups"][0]["emo_state"] for sd in (after, before))
