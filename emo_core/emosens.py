@@ -117,11 +117,6 @@ class EmoSens(EmoOptimizer):
             raise ValueError(
                 "Invalid fused/compile_update: choose one of fused=True and compile_update=True"
             )
-        if self.fused and as_bool("average", average):
-            raise ValueError(
-                "Invalid fused=True with average=True: the averaged update has no fused kernel; "
-                "leave fused=None"
-            )
         super().__init__(
             params, {"betas": betas, "eps": eps}, **common_options(locals()), average=average
         )
@@ -149,15 +144,17 @@ class EmoSens(EmoOptimizer):
     ) -> str:
         # A bucket shares one device and dtype; only the state's dtype can vary per tensor
         # (e.g. loaded from a checkpoint saved with another state_dtype).
-        if self.average:  # no fused kernel for the averaged update
-            return super()._pick_impl(params, states, compute_dtype)
+        keys = ("z" if self.average else "exp_avg", "exp_avg_sq")
         fusable = (
             params[0].dtype == compute_dtype == torch.float32
             and params[0].device.type in _FUSED_DEVICES
-            and all(state["exp_avg"].dtype == torch.float32 for state in states)
+            and all(state[key].dtype == torch.float32 for state in states for key in keys)
+            # The averaged kernel writes g into g (its first-moment buffer): not into a
+            # gradient that is itself differentiable (backward with create_graph=True).
+            and not (self.average and any(p.grad.requires_grad for p in params))
         )
         if fusable:
-            _check_moment_shapes(params, states)  # the fused kernel does not check them
+            _check_moment_shapes(params, states, keys)  # the fused kernel does not check them
         if self.fused:  # (the constructor rejects fused=True with compile_update=True)
             if not fusable:
                 raise RuntimeError(
@@ -183,11 +180,13 @@ class EmoSens(EmoOptimizer):
         )
 
 
-def _check_moment_shapes(params: list[Tensor], states: list[dict[str, Any]]) -> None:
-    """Moments whose shape differs from their parameter's (state edited in place) would make
-    the fused kernel write past their buffers; refuse them instead."""
+def _check_moment_shapes(
+    params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str, ...]
+) -> None:
+    """State whose shape differs from its parameter's (edited in place) would make the fused
+    kernel write past its buffers; refuse it instead."""
     for index, (p, state) in enumerate(zip(params, states)):
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in keys:
             if state[key].shape != p.shape:
                 raise RuntimeError(
                     f"EmoSens: state[{key!r}] of shape {tuple(state[key].shape)} does not match "
@@ -253,6 +252,7 @@ def averaged_emosens(
                 _foreach_averaged(rest, **options)
             return
     kernel = {
+        "fused": _fused_averaged,
         "foreach": _foreach_averaged,
         "single": _single_tensor_averaged,
     }.get(bucket.impl) or compiled(_single_tensor_averaged)
@@ -333,6 +333,40 @@ def _blocked_averaged(
             y_block.lerp_(z_block, mix)
             y_block.addcmul_(direction, toward_y)
             z_block.addcmul_(direction, lr, value=-1.0)
+
+
+def _fused_averaged(
+    bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
+) -> None:
+    """The averaged rule with ``z``'s step in torch's fused AdamW kernel, between two lerps
+    of the parameters through the average: ``y → x = lerp(y, z, 1 − 1/β)``; ``z ← z − lr·u``
+    (first moment off: the gradient serves as its own buffer, ``lerp(g, g, 1) = g``);
+    ``y ← lerp(x, z, 1 − β·(1 − c))``, which is ``(1 − β)·z + β·((1 − c)·x + c·z)``.
+    Three fused passes instead of the multi-tensor kernel's eight. On a skipped step both
+    lerp weights are 0 and the kernel's ``found_inf`` leaves ``z`` and ``v`` alone, so every
+    entry keeps its value bitwise."""
+    zs, n = bucket.states["z"], len(bucket.params)
+    valid = bucket.valid.to(bucket.lr.dtype)
+    torch._foreach_lerp_(bucket.params, zs, [valid * (1.0 - 1.0 / beta1)] * n)
+    steps = torch.clamp(bucket.average_steps, min=1.0).to(torch.float32)
+    torch._fused_adamw_(
+        zs,
+        bucket.grads,
+        bucket.grads,
+        bucket.states["exp_avg_sq"],
+        [],
+        [steps] * n,
+        lr=bucket.lr,
+        beta1=0.0,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+        grad_scale=None,
+        found_inf=(~bucket.valid).to(torch.float32),
+    )
+    torch._foreach_lerp_(bucket.params, zs, [valid * (1.0 - beta1 * (1.0 - bucket.mix))] * n)
 
 
 _step_tensors: dict[torch.device, Tensor] = {}

@@ -22,7 +22,7 @@ from tests.core.cases import (
 from tests.core.test_no_sync import count_host_reads
 
 AVERAGE = {"pulse": "distance", "average": True}
-KERNELS = ({"foreach": False}, {"foreach": True}, {"compile_update": True})
+KERNELS = ({"foreach": False}, {"foreach": True}, {"fused": True}, {"compile_update": True})
 
 
 def test_the_update_is_schedule_free_adam_at_the_pulse() -> None:
@@ -78,7 +78,7 @@ def _big_model() -> torch.nn.Module:
 def test_the_blocked_cpu_kernel_matches_the_loop_and_skips_bitwise(bad: str | None) -> None:
     ref_model, model = _big_model(), _big_model()
     ref = EmoSens(ref_model.parameters(), foreach=False, **AVERAGE)
-    opt = EmoSens(model.parameters(), **AVERAGE)  # default: blocked for the 400x400 weight
+    opt = EmoSens(model.parameters(), foreach=True, **AVERAGE)  # blocked for the 400x400 weight
     train_scripted(ref_model, ref, range(8))
     train_scripted(model, opt, range(8))
     for a, b in zip(model.parameters(), ref_model.parameters()):
@@ -159,7 +159,9 @@ def test_step_makes_no_host_reads() -> None:
         assert sum(counts.values()) == 0, dict(counts)
 
 
-@pytest.mark.parametrize("impl", KERNELS[:2], ids=lambda k: f"foreach={k['foreach']}")
+@pytest.mark.parametrize(
+    "impl", KERNELS[:3], ids=lambda k: f"{next(iter(k))}={next(iter(k.values()))}"
+)
 @pytest.mark.parametrize("bad", ["nan_loss", "inf_grad"])
 def test_a_skipped_step_is_a_bitwise_no_op(impl: dict, bad: str) -> None:
     model = small_model()
@@ -300,7 +302,6 @@ def test_bf16_parameters_train_and_switch() -> None:
     [
         ({"average": True}, r"average=True with pulse='v37'.*pulse='distance'"),
         ({**AVERAGE, "use_shadow": True}, r"use_shadow=True with average=True"),
-        ({**AVERAGE, "fused": True}, r"fused=True with average=True"),
         ({**AVERAGE, "betas": (0.0, 0.995)}, r"betas\[0\]=0 with average=True"),
         ({"pulse": "distance", "average": "maybe"}, r"average"),
     ],
@@ -308,3 +309,31 @@ def test_bf16_parameters_train_and_switch() -> None:
 def test_bad_options_raise_a_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EmoSens(small_model().parameters(), **kwargs)
+
+
+def test_the_fused_kernel_leaves_gradients_as_they_were() -> None:
+    """The fused kernel uses each gradient as its own first-moment buffer (``lerp(g, g, 1)``);
+    the values users read after ``step()`` stay bitwise the same."""
+    model = small_model()
+    params = list(model.parameters())
+    opt = EmoSens(params, fused=True, **AVERAGE)
+    for step in range(3):
+        set_random_grads(params, step)
+        before = [p.grad.clone() for p in params]
+        opt.step(loss=1.0 - 0.1 * step)
+        for p, grad in zip(params, before):
+            assert torch.equal(p.grad, grad)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_a_differentiable_gradient_is_not_used_as_a_buffer() -> None:
+    """With ``create_graph=True`` the gradient is part of a graph: the fused kernel, which
+    writes into it, is not chosen (auto picks the multi-tensor kernel; fused=True refuses)."""
+    params = list(small_model().parameters())
+    loss = sum((p**2).sum() for p in params)
+    loss.backward(create_graph=True)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        EmoSens(params, fused=True, **AVERAGE).step(loss=loss.detach())
+    auto = EmoSens(params, **AVERAGE)
+    auto.step(loss=loss.detach())
+    assert auto._pick_impl(params, [auto.state[p] for p in params], torch.float32) == "foreach"
