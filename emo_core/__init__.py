@@ -10,6 +10,7 @@ from .emoairy import EmoAiry
 from .emocats import EmoCats
 from .emosens import EmoSens
 from .registry import OPTIMIZERS, get_optimizer
+from .schedule_free import EmoSensScheduleFree
 
 __all__ = [
     "OPTIMIZERS",
@@ -17,6 +18,7 @@ __all__ = [
     "EmoCats",
     "EmoOptimizer",
     "EmoSens",
+    "EmoSensScheduleFree",
     "__version__",
     "get_optimizer",
     "log_metrics",

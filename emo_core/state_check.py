@@ -66,6 +66,12 @@ def _fail(message: str) -> None:
     raise ValueError(f"Invalid state_dict: {message}")
 
 
+def state_owner(opt: EmoOptimizer) -> str:
+    """The class name a state dict records and a load checks: the class's own, or that of
+    the class whose layout it shares (``state_owner``, e.g. a preset of EmoSens)."""
+    return getattr(type(opt), "state_owner", None) or type(opt).__name__
+
+
 def pack_state_dict(opt: EmoOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``Optimizer.state_dict()``'s result with the optimizer-wide state in group 0."""
     groups = [dict(group) for group in state_dict["param_groups"]]
@@ -73,7 +79,7 @@ def pack_state_dict(opt: EmoOptimizer, state_dict: dict[str, Any]) -> dict[str, 
     meta = dict(emo[META_KEY])
     meta["steps"] = meta["steps"].clone()  # advanced in place by step()
     groups[0][EMO_GROUP_KEY] = {
-        "optimizer": type(opt).__name__,
+        "optimizer": state_owner(opt),
         "format": FORMAT,
         SENSOR_KEY: dict(emo[SENSOR_KEY]),
         META_KEY: meta,
@@ -153,7 +159,7 @@ def checked_load(opt: EmoOptimizer, state_dict: Any) -> LoadPlan:
 
 def _emo_entry(opt: EmoOptimizer, state: dict[Any, Any], groups: Any) -> dict[str, Any]:
     """The optimizer-wide entry of format 2 (or 1), popped out of ``state``."""
-    name = type(opt).__name__
+    name = state_owner(opt)
     entry = groups[0].get(EMO_GROUP_KEY) if groups else None
     legacy = {key: state.pop(key) for key in (SENSOR_KEY, META_KEY) if key in state}
     if entry is None:

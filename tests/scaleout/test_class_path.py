@@ -9,6 +9,7 @@ the raw strings; the optimizers parse those themselves, so ``"False"`` means Fal
 from __future__ import annotations
 
 import ast
+import copy
 import importlib
 
 import pytest
@@ -20,6 +21,7 @@ import emo_core
 CASES = {
     "emo_core.EmoSens": ["betas=(0.9,0.99)", "eps=1e-7", "weight_decay=0.02", "use_shadow=False"],
     "emo_core.EmoCats": ["betas=(0.9,0.99)", "weight_decay=0.02", "use_shadow=False"],
+    "emo_core.EmoSensScheduleFree": ["betas=(0.9,0.99)", "eps=1e-7", "weight_decay=0.02"],
     "emo_core.EmoAiry": [
         "beta2=0.99",
         "clip_threshold=2.0",
@@ -71,7 +73,7 @@ def test_constructs_from_class_path_and_string_arguments(
     for key in kwargs:
         assert group[key] == EXPECTED[key], key
         assert type(group[key]) is type(EXPECTED[key]), key
-    assert group["use_shadow"] is False  # never bool("False")
+    assert group["use_shadow"] is False  # never bool("False") (nor a default that is True)
     assert group["lr"] == 1.0 and "scope" not in group  # lr: a plain multiplier
 
 
@@ -134,3 +136,53 @@ def test_the_script_default_learning_rate_warns_with_the_fix() -> None:
     with pytest.warns(UserWarning, match=r"--learning_rate 1.0") as caught:
         load_class("emo_core.EmoCats")(_params(), lr=1e-4)
     assert caught[0].filename == __file__
+
+
+def is_schedulefree_optimizer(optimizer_type: str) -> bool:
+    """sd-scripts' test: ``train()``/``eval()`` are called, and the LR scheduler is a
+    constant dummy, for every ``--optimizer_type`` whose name ends in "schedulefree"."""
+    return optimizer_type.lower().endswith("schedulefree")
+
+
+def test_sd_scripts_treats_emosens_schedule_free_as_schedule_free_and_saves_the_average() -> None:
+    """``--optimizer_type emo_core.EmoSensScheduleFree``: sd-scripts' name test picks it up,
+    its loop (``train()`` after construction, ``eval()`` around sampling and before every save,
+    ``train()`` again after) saves the average, and the saved state resumes bitwise."""
+    optimizer_type = "emo_core.EmoSensScheduleFree"
+    assert is_schedulefree_optimizer(optimizer_type)
+    assert not is_schedulefree_optimizer("emo_core.EmoSens")
+
+    def run(steps: range, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        x = torch.linspace(-1, 1, 32).reshape(8, 4)
+        for _ in steps:
+            loss = (model(x) - 1.0).pow(2).mean()
+            loss.backward()
+            opt.step(loss=loss)
+            opt.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = load_class(optimizer_type)(model.parameters(), lr=1.0)
+    assert opt.average and opt.pulse == "distance"
+    opt.train()  # sd-scripts: right after the optimizer is built
+    run(range(10), model, opt)
+    training_point = [p.detach().clone() for p in model.parameters()]
+    opt.eval()  # before save_model: the model holds the average x = (y - (1 - β)·z)/β
+    for p, y in zip(model.parameters(), training_point):
+        assert not torch.equal(p, y)
+        torch.testing.assert_close(p, (y - 0.1 * opt.state[p]["z"]) / 0.9)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())
+    opt.train()
+    run(range(10, 20), model, opt)
+
+    resumed = nn.Linear(4, 1)
+    resumed.load_state_dict(saved_model)
+    # a state of either class loads into the other (EmoSens's layout)
+    again = emo_core.EmoSens(resumed.parameters(), pulse="distance", average=True)
+    again.load_state_dict(saved_opt)
+    assert not again.training
+    again.train()  # sd-scripts: before the first training step
+    run(range(10, 20), resumed, again)
+    for a, b in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(a, b)
