@@ -609,10 +609,15 @@ class EmoOptimizer(Optimizer):
         warnings.warn(_NO_LOSS_WARNING.format(name=type(self).__name__), stacklevel=3)
 
     def _refresh_effective_lr(self) -> None:
-        """``group["emo_lr"] = pulse * group["lr"]``: ``lr`` is a plain multiplier."""
+        """``group["emo_lr"] = pulse * group["lr"]``: ``lr`` is a plain multiplier. The
+        distance controller's pulse is per group (its ``lr``); v3.7's is one for all."""
         pulse = self._sensor["pulse"]
-        for group in self.param_groups:
-            group["emo_lr"] = (pulse * group["lr"]).to(torch.float32)
+        per_group = self.emo_state.get(DISTANCE_STATE_KEY, {}).get("lr")
+        for index, group in enumerate(self.param_groups):
+            base = pulse
+            if self.pulse == "distance" and per_group is not None and index < per_group.numel():
+                base = per_group[index]
+            group["emo_lr"] = (base * group["lr"]).to(torch.float32)
 
     def _controller_template(self, key: str, saved: dict[str, Any]) -> dict[str, Tensor] | None:
         """The fresh state a saved optimizer-wide entry ``key`` is checked against (None:
@@ -623,9 +628,18 @@ class EmoOptimizer(Optimizer):
             return init_average_state(sensor.device, sensor.dtype)
         if key != DISTANCE_STATE_KEY or not isinstance(saved.get("x0"), Tensor):
             return None
-        return init_distance_state(
-            saved["x0"].numel(), sensor.device, sensor.dtype, self.direction_power > 0
+        fresh = init_distance_state(
+            saved["x0"].numel(),
+            len(self.param_groups),
+            sensor.device,
+            sensor.dtype,
+            self.direction_power > 0,
         )
+        if "lr" not in saved and isinstance(saved.get("d"), Tensor) and saved["d"].dim() == 0:
+            # saved before the scale was per group: one d for all (the sample restarts)
+            fresh.update(d=fresh["d"][0], num=fresh["num"][0])
+            del fresh["lr"]
+        return fresh
 
     def _first_lr(self) -> float:
         """The LR before the first loss: ``max_lr`` (v3.7) or the controller's start."""
@@ -643,12 +657,27 @@ class EmoOptimizer(Optimizer):
             cache["plan"] = plan_sample(self.param_groups, sensor.device, world)
             cache["layout"] = layout
             state = self.emo_state.get(DISTANCE_STATE_KEY)
-            if state is None or state["x0"].numel() != cache["plan"].size:
+            groups = len(self.param_groups)
+            if (
+                state is None
+                or state["x0"].numel() != cache["plan"].size
+                or state["d"].shape != (groups,)
+            ):
                 fresh = init_distance_state(
-                    cache["plan"].size, sensor.device, sensor.dtype, self.direction_power > 0
+                    cache["plan"].size,
+                    groups,
+                    sensor.device,
+                    sensor.dtype,
+                    self.direction_power > 0,
+                    lr=self._first_lr(),
                 )
-                if state is not None:  # keep the scale found so far, restart the sample
-                    fresh["d"] = state["d"]
+                if state is not None:  # keep the scales found so far, restart the sample
+                    # (a state saved with one d for all groups gives it to each; a new
+                    # group starts from D0)
+                    old = state["d"].reshape(-1)
+                    kept = old.expand(groups) if old.numel() == 1 else old[:groups]
+                    fresh["d"][: kept.numel()] = kept
+                    fresh["lr"] = self._sensor["pulse"].expand(groups).to(fresh["lr"]).clone()
                 self.emo_state[DISTANCE_STATE_KEY] = fresh
         return cache["plan"]
 
@@ -669,7 +698,7 @@ class EmoOptimizer(Optimizer):
         state, lr = distance_update(
             self.emo_state[DISTANCE_STATE_KEY],
             *sample,
-            self._plan["plan"].weights,
+            self._plan["plan"],
             sensor,
             loss,
             valid,
@@ -680,7 +709,9 @@ class EmoOptimizer(Optimizer):
             growth=math.inf if self.average else GROWTH,
         )
         self.emo_state[DISTANCE_STATE_KEY] = state
-        sensor["pulse"] = torch.where(valid, lr, sensor["pulse"])
+        # the sensor's one pulse (telemetry, the averaging weights): the largest group's
+        top = torch.amax(lr) if lr.numel() else sensor["pulse"]
+        sensor["pulse"] = torch.where(valid, top, sensor["pulse"])
 
     # ------------------------------------------------------------ iterate averaging
     def _advance_average(self, valid: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from emo_core import EmoAiry, EmoCats, EmoSens
-from emo_core.distance import D0, SAMPLE_SIZE, plan_sample
+from emo_core.distance import D0, SAMPLE_SIZE, SAMPLE_TENSORS, plan_sample
 from tests.core.cases import (
     ALL_IMPLS,
     NAMES,
@@ -215,7 +215,7 @@ def test_the_sample_is_bounded_and_state_is_about_zero_bytes_per_parameter() -> 
     assert extra / n < 0.25  # bytes per parameter
     plan = plan_sample(opt.param_groups, torch.device("cpu"), 1)
     assert plan.size <= SAMPLE_SIZE * 1.1
-    assert len(plan.pieces) <= 32
+    assert len(plan.pieces) <= SAMPLE_TENSORS
     # both kinds of tensor (8x1024 and 1024x8) are sampled, weighted to the whole model
     assert {params[p.index].shape for p in plan.pieces} == {(8, 1024), (1024, 8)}
     assert float(plan.weights.sum()) == pytest.approx(n, rel=1e-6)
@@ -269,3 +269,94 @@ def test_bad_pulse_raises_a_clear_error() -> None:
         ValueError, match=r"Invalid pulse: 'fast' \(expected one of distance, v37\)"
     ):
         EmoCats([torch.zeros(2, requires_grad=True)], pulse="fast")
+
+
+def _two_networks(noise: float, steps: int = 120, name: str = "emosens", **kw):
+    """A "UNet" group (the regression of :func:`_regression`, solution 1 away) trained beside
+    a "text encoder" group whose gradients are pure noise of size ``noise`` (as a LoRA that
+    barely affects the loss); returns the effective LR of each group per step."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(32, 16, requires_grad=True)
+    encoder = torch.zeros(64, 64, requires_grad=True)
+    true_w = torch.sign(torch.randn(32, 16, generator=gen))
+    groups = [{"params": [encoder]}, {"params": [w]}] if noise else [{"params": [w]}]
+    opt = OPTIMIZERS[name](groups, **{**DISTANCE, **kw})
+    lrs = []
+    for _ in range(steps):
+        x = torch.randn(64, 16, generator=gen)
+        loss = ((x @ w.T - x @ true_w.T) ** 2).mean()
+        w.grad = None
+        loss.backward()
+        encoder.grad = noise * torch.randn(64, 64, generator=gen)
+        opt.step(loss=loss.detach())
+        lrs.append(opt.get_effective_lr())
+    return lrs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_param_group_finds_its_own_scale(name: str) -> None:
+    """kohya's LoRA: a text-encoder group whose gradients are noise beside the UNet's. One
+    scale for both was held near D0 by the noise group (measured in sd-scripts: LR 1e-5,
+    the loss barely moved, against 1e-2 for the UNet alone); each group's own scale lets the
+    UNet's grow as it does alone, while the noise group's stays small."""
+    alone = [lr[0] for lr in _two_networks(0.0, name=name)]
+    beside = _two_networks(10.0, name=name)
+    unet, encoder = [lr[1] for lr in beside], [lr[0] for lr in beside]
+    assert max(unet) > 1e4 * D0
+    assert max(unet) == pytest.approx(max(alone), rel=0.05)
+    assert max(encoder) < max(unet) / 30
+
+
+def test_every_param_group_is_sampled_as_if_it_were_alone() -> None:
+    """Tensors are sampled in proportion to size, but per group: a group of small tensors
+    (biases, norms: HF's no-decay group) beside 40 large ones has its own sample, the one
+    it would have alone, so a group's scale does not depend on what else is trained."""
+    big = [torch.zeros(256, 256, requires_grad=True) for _ in range(40)]
+    small = [torch.zeros(256, requires_grad=True) for _ in range(40)]
+    plan = plan_sample([{"params": big}, {"params": small}], torch.device("cpu"), 1)
+    for j, params in enumerate((big, small)):
+        alone = plan_sample([{"params": params}], torch.device("cpu"), 1)
+        members = plan.groups == j
+        assert torch.equal(plan.weights[members], alone.weights)
+        assert float(alone.weights.sum()) == pytest.approx(sum(p.numel() for p in params))
+        assert [(p.index, p.stride) for p in plan.pieces if p.group == j] == [
+            (p.index, p.stride) for p in alone.pieces
+        ]
+    assert len(plan.pieces) <= 2 * SAMPLE_TENSORS and plan.size <= 2 * SAMPLE_SIZE * 1.1
+
+
+def test_a_repeating_layout_is_not_aliased_by_the_tensor_sample() -> None:
+    """Pairs (down, up, down, up, ...) of equal size, 4x the tensors the sample reads:
+    evenly spaced positions over that order land on one kind only (every 4th tensor, all
+    downs); the sample must read both, as the zero-initialised ups are the only ones with a
+    gradient at first."""
+    n = 4 * SAMPLE_TENSORS
+    params = [torch.zeros(4, 8) if i % 2 == 0 else torch.zeros(8, 4) for i in range(n)]
+    params = [p.requires_grad_(True) for p in params]
+    plan = plan_sample([{"params": params}], torch.device("cpu"), 1)
+    kinds = {params[p.index].shape for p in plan.pieces}
+    assert kinds == {(4, 8), (8, 4)}
+
+
+def test_a_state_saved_with_one_scale_for_all_groups_loads_with_it_in_each() -> None:
+    """Before scales were per group the state held one ``d``; it loads, every group starts
+    from it, and the sample restarts (as when the layout changes)."""
+    model = small_model()
+    groups = [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}]
+    opt = EmoSens(groups, **DISTANCE)
+    train_scripted(model, opt, range(8))
+    saved = copy.deepcopy(opt.state_dict())
+    entry = saved["param_groups"][0]["emo_state"]["emo_distance"]
+    old_d = entry["d"].max().clone()
+    entry.update(d=old_d, num=entry["num"].sum())
+    del entry["lr"]
+    fresh_model = small_model()
+    fresh_groups = [
+        {"params": list(fresh_model.parameters())[:2]},
+        {"params": list(fresh_model.parameters())[2:]},
+    ]
+    fresh = EmoSens(fresh_groups, **DISTANCE)
+    fresh.load_state_dict(saved)
+    train_scripted(fresh_model, fresh, range(8, 9))
+    d = fresh.emo_state["emo_distance"]["d"]
+    assert d.shape == (2,) and torch.all(d >= old_d)
