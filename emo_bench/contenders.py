@@ -50,10 +50,11 @@ EMO_VARIANTS: tuple[tuple[type[EmoOptimizer], dict[str, Any]], ...] = (
         for cls in (EmoSens, EmoAiry, EmoCats)
     ),
     (EmoSens, {"pulse": "distance", "average": True}),
+    (EmoCats, {"pulse": "distance", "average": True}),
 )
 """Emo rows: ``(class, extra kwargs)`` on top of ``lr=1.0``, one per pulse controller (each
-named explicitly, so a row means the same whichever is the default), and EmoSens with
-Schedule-Free averaging; kwargs the class does not accept drop the row (see
+named explicitly, so a row means the same whichever is the default), and EmoSens and
+EmoCats with Schedule-Free averaging; kwargs the class does not accept drop the row (see
 :func:`emo_contenders`)."""
 
 

@@ -126,6 +126,11 @@ def speed_entries(quick: bool = False, device: torch.device | None = None) -> li
             lambda ps: EmoSens(ps, pulse="distance", average=True),
             28,
         ),
+        SpeedEntry(
+            "EmoCats pulse=distance average=True",
+            lambda ps: EmoCats(ps, pulse="distance", average=True),
+            28,
+        ),
         # The opt-in compiled update (one fused loop per tensor); the first step compiles.
         SpeedEntry("EmoSens compile_update", lambda ps: EmoSens(ps, compile_update=True), 28),
         SpeedEntry("EmoAiry compile_update", lambda ps: EmoAiry(ps, compile_update=True), 16),

@@ -749,7 +749,7 @@ class EmoOptimizer(Optimizer):
             ]
             if pairs:
                 params, zs = (list(side) for side in zip(*pairs))
-                beta = group["betas"][0]
+                beta = self._interpolation(group)
                 (to_average_ if evaluating else to_train_)(params, zs, beta)
         self._flags["eval_mode"] = evaluating
         state = self.emo_state[AVERAGE_STATE_KEY]
@@ -825,6 +825,10 @@ class EmoOptimizer(Optimizer):
         self._init_state(real, self.state[p], state_dtype)
         if group["use_shadow"]:
             self.state[p]["shadow"] = real.detach().to(state_dtype, copy=True)
+
+    def _interpolation(self, group: dict[str, Any]) -> float:
+        """``β`` of ``y = β·x + (1 − β)·z`` under ``average=True`` (``averaging.md``)."""
+        return group["betas"][0]
 
     def _pick_impl(
         self, params: list[Tensor], states: list[dict[str, Any]], compute_dtype: torch.dtype

@@ -337,3 +337,84 @@ def test_a_differentiable_gradient_is_not_used_as_a_buffer() -> None:
     auto = EmoSens(params, **AVERAGE)
     auto.step(loss=loss.detach())
     assert auto._pick_impl(params, [auto.state[p] for p in params], torch.float32) == "foreach"
+
+
+def test_emocats_averaged_is_schedule_free_lion_at_the_pulse() -> None:
+    """EmoCats(average=True) against the three-sequence form: z steps by Lion's sign of the
+    blended momentum (plus weight decay on z), x is the lr_max²-weighted average of z, the
+    parameters hold y = β·x + (1 − β)·z with β = interpolation; m follows the gradient."""
+    model = small_model()
+    params = list(model.parameters())
+    wd, beta = 0.01, 0.8
+    opt = EmoCats(params, weight_decay=wd, foreach=False, **AVERAGE)
+    beta1, beta2 = opt.param_groups[0]["betas"]
+    assert (beta1, beta2) == (0.9, 0.8)
+    z = [p.detach().double().clone() for p in params]
+    x = [t.clone() for t in z]
+    m = [torch.zeros_like(t) for t in z]
+    lr_max = weight_sum = 0.0
+    for step, loss in enumerate(scripted_losses(25)):
+        set_random_grads(params, step)
+        grads = [p.grad.double() for p in params]
+        opt.step(loss=abs(loss) + 0.1)
+        lr = opt.get_effective_lr()[0]
+        lr_max = max(lr_max, lr)
+        weight_sum += lr_max**2
+        c = lr_max**2 / weight_sum
+        for i, g in enumerate(grads):
+            u = torch.sign(beta1 * m[i] + (1 - beta1) * g) + wd * z[i]
+            z[i] = z[i] - lr * u
+            m[i] = beta2 * m[i] + (1 - beta2) * g
+            x[i] = (1 - c) * x[i] + c * z[i]
+            y = (1 - beta) * z[i] + beta * x[i]
+            torch.testing.assert_close(params[i].double(), y, rtol=1e-5, atol=1e-7)
+    opt.eval()
+    for p, want in zip(params, x):
+        torch.testing.assert_close(p.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", [{"foreach": True}, {"compile_update": True}], ids=str)
+def test_emocats_averaged_kernels_compute_the_same_step(impl: dict) -> None:
+    ref_model, model = small_model(), small_model()
+    ref = EmoCats(ref_model.parameters(), foreach=False, **AVERAGE)
+    opt = EmoCats(model.parameters(), **impl, **AVERAGE)
+    train_scripted(ref_model, ref, range(12))
+    train_scripted(model, opt, range(12))
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("bad", ["nan_loss", "inf_grad"])
+def test_emocats_averaged_skipped_step_is_a_bitwise_no_op(foreach: bool, bad: str) -> None:
+    model = small_model()
+    opt = EmoCats(model.parameters(), foreach=foreach, **AVERAGE)
+    train_scripted(model, opt, range(4))
+    assert "emo_average" in assert_bad_step_is_a_no_op(model, opt, bad, step=4)
+
+
+def test_emocats_averaged_resumes_bitwise_and_keeps_m_and_z() -> None:
+    ref_model = small_model()
+    ref = EmoCats(ref_model.parameters(), **AVERAGE)
+    train_scripted(ref_model, ref, range(10))
+    ref.eval()
+    ref.train()
+    train_scripted(ref_model, ref, range(10, 20))
+    model = small_model()
+    opt = EmoCats(model.parameters(), **AVERAGE)
+    train_scripted(model, opt, range(10))
+    opt.eval()
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    fresh_model = small_model(seed=5)
+    fresh_model.load_state_dict(saved["model"])
+    fresh = EmoCats(fresh_model.parameters(), **AVERAGE)
+    fresh.load_state_dict(saved["opt"])
+    assert set(fresh.state_dict()["state"][0]) == {"exp_avg", "z"}  # 8 B/param
+    fresh.train()
+    train_scripted(fresh_model, fresh, range(10, 20))
+    assert_same(fresh_model.state_dict(), ref_model.state_dict())
+
+
+def test_emocats_interpolation_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"Invalid interpolation"):
+        EmoCats(small_model().parameters(), interpolation=1.0, **AVERAGE)

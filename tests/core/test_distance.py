@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from emo_core import EmoAiry, EmoCats, EmoSens
-from emo_core.distance import D0, SAMPLE_SIZE, SAMPLE_TENSORS, plan_sample
+from emo_core.distance import (
+    D0,
+    SAMPLE_SIZE,
+    SAMPLE_TENSORS,
+    distance_update,
+    init_distance_state,
+    plan_sample,
+)
 from tests.core.cases import (
     ALL_IMPLS,
     NAMES,
@@ -26,6 +33,7 @@ from tests.core.cases import (
 from tests.core.test_no_sync import count_host_reads
 
 DISTANCE = {"pulse": "distance"}
+SENSOR = {"ema_short": 1.0, "ema_medium": 1.0, "scalar": 0.0}  # a flat loss: no brake
 
 
 def _regression(target: float, seed: int = 0, steps: int = 150, name: str = "emosens", **kw):
@@ -360,3 +368,23 @@ def test_a_state_saved_with_one_scale_for_all_groups_loads_with_it_in_each() -> 
     train_scripted(fresh_model, fresh, range(8, 9))
     d = fresh.emo_state["emo_distance"]["d"]
     assert d.shape == (2,) and torch.all(d >= old_d)
+
+
+def test_progress_against_the_gradient_counts_only_once_the_scale_has_grown() -> None:
+    """``num`` takes a step's ``Σ w·g·(x0 − x)`` when it is positive or ``d`` has left D0:
+    before the first growth a negative one is noise and would only delay it."""
+    params = [torch.zeros(8, requires_grad=True)]
+    plan = plan_sample([{"params": params}], torch.device("cpu"), 1)
+    state = init_distance_state(plan.size, 1, torch.device("cpu"), torch.float64, False)
+    state["started"] = torch.tensor(True)  # x0 = 0, so (x0 - x)·g = -x·g
+    sensor = {k: torch.tensor(v, dtype=torch.float64) for k, v in SENSOR.items()}
+    x, g = torch.ones(plan.size), torch.ones(plan.size)  # moved along the gradient: P < 0
+    loss, valid = torch.tensor(1.0, dtype=torch.float64), torch.tensor(True)
+    options = {"min_lr": 1e-8, "max_lr": 1.0, "direction_power": 0.0}
+    out, _ = distance_update(state, x, g, plan, sensor, loss, valid, **options)
+    assert out["num"].item() == 0.0
+    state["d"] = torch.full((1,), 2 * D0, dtype=torch.float64)
+    out, _ = distance_update(state, x, g, plan, sensor, loss, valid, **options)
+    assert out["num"].item() < 0
+    out, _ = distance_update(state, -x, g, plan, sensor, loss, valid, **options)
+    assert out["num"].item() > 0
