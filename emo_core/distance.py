@@ -112,7 +112,7 @@ class SamplePlan:
     def group_sums(self, values: Tensor, dtype: torch.dtype) -> Tensor:
         """``[n_groups]``: the sum of ``values`` (``[size]``) over each group's coordinates,
         summed in the values' own dtype (fp32, as a dot product would: in fp64 the GRU of
-        emo-bench quality found a 3.6x larger scale, +65% against -60% on seed 0; the
+        emo-bench quality found a 3.6x larger scale, +65% against -51% on seed 0; the
         numerator cancels heavily) and returned in ``dtype``. A fixed order per group, the
         same on every rank and run (atomics-based scatters are not, on CUDA)."""
         sums, start = [], 0
