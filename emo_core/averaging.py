@@ -4,7 +4,8 @@ Three sequences share one buffer: the optimizer steps ``z`` (kept in the state),
 average ``x`` is not stored, and the parameters hold the interpolation
 ``y = (1 − β)·z + β·x`` while training (gradients are taken there) and ``x`` while
 evaluating. ``x`` is recovered exactly from ``y`` and ``z``, so switching costs no memory.
-This module keeps the averaging weights (0-dim tensors, no host reads) and the switches.
+This module keeps the averaging weights (0-dim tensors, no host reads), the step of the
+recursion that every averaged multi-tensor kernel shares, and the switches.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "average_weight",
     "init_average_state",
     "inverse_bias_correction",
+    "schedule_free_step_",
     "to_average_",
     "to_train_",
 ]
@@ -54,6 +56,24 @@ def average_weight(
 def inverse_bias_correction(steps: Tensor, beta2: float) -> Tensor:
     """``1/√(1 − β2^k)`` for ``k = max(steps, 1)``: ``√v`` times this is Adam's ``√v̂``."""
     return torch.rsqrt(1.0 - torch.pow(beta2, torch.clamp(steps, min=1.0)))
+
+
+def schedule_free_step_(
+    params: list[Tensor],
+    zs: list[Tensor],
+    directions: list[Tensor],
+    lr: Tensor,
+    mix: Tensor,
+    beta: float,
+) -> None:
+    """Step 3 of ``averaging.md`` for any direction ``u`` (Adam's, Lion's), in place:
+    ``y ← lerp(y, z, c) + lr·(β·(1 − c) − 1)·u``, then ``z ← z − lr·u``. ``lr`` and ``mix``
+    are 0-dim tensors (0 on a skipped step: every entry keeps its value)."""
+    n = len(params)
+    # (lists of 0-dim tensors: no host read of the LR or the weight)
+    torch._foreach_lerp_(params, zs, [mix] * n)
+    torch._foreach_addcmul_(params, directions, [lr * (beta * (1.0 - mix) - 1.0)] * n)
+    torch._foreach_addcmul_(zs, directions, [lr] * n, value=-1.0)
 
 
 def to_average_(params: list[Tensor], zs: list[Tensor], beta: float) -> None:

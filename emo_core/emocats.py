@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._base import CPU_BLOCK, DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
+from .averaging import schedule_free_step_
 
 __all__ = ["AVERAGED_BETAS", "BETAS", "EmoCats", "averaged_emocats", "emocats"]
 
@@ -221,15 +222,10 @@ def _foreach_averaged(
     lr = bucket.step_lr()
     mix = bucket.mix
     grads = bucket.masked_grads()
-    exp_avgs, zs, n = bucket.states["exp_avg"], bucket.states["z"], len(bucket.params)
+    exp_avgs, zs = bucket.states["exp_avg"], bucket.states["z"]
     direction = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_sign_(direction)
     if weight_decay:
         torch._foreach_add_(direction, zs, alpha=weight_decay)
-    # (lists of 0-dim tensors: no host read of the LR or the weight)
-    torch._foreach_lerp_(bucket.params, zs, [mix] * n)
-    torch._foreach_addcmul_(
-        bucket.params, direction, [lr * (interpolation * (1.0 - mix) - 1.0)] * n
-    )
-    torch._foreach_addcmul_(zs, direction, [lr] * n, value=-1.0)
+    schedule_free_step_(bucket.params, zs, direction, lr, mix, interpolation)
     torch._foreach_lerp_(exp_avgs, grads, bucket.blend(1.0 - beta2))

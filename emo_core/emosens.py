@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._base import CPU_BLOCK, DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
-from .averaging import inverse_bias_correction
+from .averaging import inverse_bias_correction, schedule_free_step_
 
 __all__ = ["EmoSens", "averaged_emosens", "emosens"]
 
@@ -294,10 +294,7 @@ def _foreach_averaged(
     direction = torch._foreach_div(grads, denom)
     if weight_decay:
         torch._foreach_add_(direction, zs, alpha=weight_decay)
-    torch._foreach_lerp_(bucket.params, zs, [mix] * n)
-    # (lists of 0-dim tensors: no host read of the LR)
-    torch._foreach_addcmul_(bucket.params, direction, [lr * (beta1 * (1.0 - mix) - 1.0)] * n)
-    torch._foreach_addcmul_(zs, direction, [lr] * n, value=-1.0)
+    schedule_free_step_(bucket.params, zs, direction, lr, mix, beta1)
 
 
 def _blocked_averaged(
