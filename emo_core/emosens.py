@@ -339,30 +339,14 @@ def _fused_averaged(
     of the parameters through the average: ``y → x = lerp(y, z, 1 − 1/β)``; ``z ← z − lr·u``
     (first moment off: the gradient serves as its own buffer, ``lerp(g, g, 1) = g``);
     ``y ← lerp(x, z, 1 − β·(1 − c))``, which is ``(1 − β)·z + β·((1 − c)·x + c·z)``.
-    Three fused passes instead of the multi-tensor kernel's eight. On a skipped step both
+    Three fused passes instead of the multi-tensor kernel's nine. On a skipped step both
     lerp weights are 0 and the kernel's ``found_inf`` leaves ``z`` and ``v`` alone, so every
     entry keeps its value bitwise."""
     zs, n = bucket.states["z"], len(bucket.params)
     valid = bucket.valid.to(bucket.lr.dtype)
     torch._foreach_lerp_(bucket.params, zs, [valid * (1.0 - 1.0 / beta1)] * n)
     steps = torch.clamp(bucket.average_steps, min=1.0).to(torch.float32)
-    torch._fused_adamw_(
-        zs,
-        bucket.grads,
-        bucket.grads,
-        bucket.states["exp_avg_sq"],
-        [],
-        [steps] * n,
-        lr=bucket.lr,
-        beta1=0.0,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        eps=eps,
-        amsgrad=False,
-        maximize=False,
-        grad_scale=None,
-        found_inf=(~bucket.valid).to(torch.float32),
-    )
+    _adamw_step(bucket, zs, bucket.grads, [steps] * n, 0.0, beta2, eps, weight_decay)
     torch._foreach_lerp_(bucket.params, zs, [valid * (1.0 - beta1 * (1.0 - bucket.mix))] * n)
 
 
@@ -378,11 +362,26 @@ def _fused_emosens(
             _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device
         )
     steps = [_step_tensors[device]] * len(bucket.params)
-    found_inf = (~bucket.valid).to(torch.float32)
+    exp_avgs = bucket.states["exp_avg"]
+    _adamw_step(bucket, bucket.params, exp_avgs, steps, beta1, beta2, eps, weight_decay)
+
+
+def _adamw_step(
+    bucket: Bucket,
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    steps: list[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """torch's fused AdamW kernel on ``params`` with the bucket's gradients, second moments,
+    tensor LR and skipped-step flag (``found_inf``: nothing is written on a skipped step)."""
     torch._fused_adamw_(
-        bucket.params,
+        params,
         bucket.grads,
-        bucket.states["exp_avg"],
+        exp_avgs,
         bucket.states["exp_avg_sq"],
         [],
         steps,
@@ -394,5 +393,5 @@ def _fused_emosens(
         amsgrad=False,
         maximize=False,
         grad_scale=None,
-        found_inf=found_inf,
+        found_inf=(~bucket.valid).to(torch.float32),
     )
