@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -25,17 +26,18 @@ AVERAGE = {"pulse": "distance", "average": True}
 KERNELS = ({"foreach": False}, {"foreach": True}, {"fused": True}, {"compile_update": True})
 
 
-def test_the_update_is_schedule_free_adam_at_the_pulse() -> None:
-    """Against the textbook form that stores all three sequences: z steps by the
-    normalised gradient (Adam's bias-corrected v̂), x is the lr_max²-weighted average of z,
-    y interpolates; the parameters hold y while training and x after eval()."""
-    model = small_model()
-    params = list(model.parameters())
-    beta, beta2, eps, wd = 0.9, 0.995, 1e-8, 0.01
-    opt = EmoSens(params, weight_decay=wd, foreach=False, **AVERAGE)
+def assert_schedule_free(
+    opt: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    beta: float,
+    direction: Callable[[int, torch.Tensor, torch.Tensor, int], torch.Tensor],
+) -> None:
+    """25 scripted steps of ``opt`` against the textbook form that stores all three
+    sequences: ``z ← z − lr·u`` with ``u = direction(i, g, z_i, step)`` (the rule's own
+    moments kept by the caller), ``x`` the lr_max²-weighted average of ``z``,
+    ``y = β·x + (1 − β)·z``; the parameters hold ``y`` while training and ``x`` after eval()."""
     z = [p.detach().double().clone() for p in params]
     x = [t.clone() for t in z]
-    v = [torch.zeros_like(t) for t in z]
     lr_max = weight_sum = 0.0
     for step, loss in enumerate(scripted_losses(25)):
         set_random_grads(params, step)
@@ -46,15 +48,29 @@ def test_the_update_is_schedule_free_adam_at_the_pulse() -> None:
         weight_sum += lr_max**2
         c = lr_max**2 / weight_sum
         for i, g in enumerate(grads):
-            v[i] = beta2 * v[i] + (1 - beta2) * g * g
-            v_hat = v[i] / (1 - beta2 ** (step + 1))
-            z[i] = z[i] - lr * (g / (v_hat.sqrt() + eps) + wd * z[i])
+            z[i] = z[i] - lr * direction(i, g, z[i], step)
             x[i] = (1 - c) * x[i] + c * z[i]
             y = (1 - beta) * z[i] + beta * x[i]
             torch.testing.assert_close(params[i].double(), y, rtol=1e-5, atol=1e-7)
     opt.eval()
     for p, want in zip(params, x):
         torch.testing.assert_close(p.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_update_is_schedule_free_adam_at_the_pulse() -> None:
+    """z steps by the normalised gradient (Adam's bias-corrected v̂) plus weight decay on z,
+    against the three-sequence form (:func:`assert_schedule_free`), β = betas[0]."""
+    params = list(small_model().parameters())
+    beta, beta2, eps, wd = 0.9, 0.995, 1e-8, 0.01
+    opt = EmoSens(params, weight_decay=wd, foreach=False, **AVERAGE)
+    v = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+
+    def adam(i: int, g: torch.Tensor, z: torch.Tensor, step: int) -> torch.Tensor:
+        v[i] = beta2 * v[i] + (1 - beta2) * g * g
+        v_hat = v[i] / (1 - beta2 ** (step + 1))
+        return g / (v_hat.sqrt() + eps) + wd * z
+
+    assert_schedule_free(opt, params, beta, adam)
 
 
 @pytest.mark.parametrize("impl", KERNELS[1:], ids=lambda k: next(iter(k)))
@@ -340,37 +356,22 @@ def test_a_differentiable_gradient_is_not_used_as_a_buffer() -> None:
 
 
 def test_emocats_averaged_is_schedule_free_lion_at_the_pulse() -> None:
-    """EmoCats(average=True) against the three-sequence form: z steps by Lion's sign of the
-    blended momentum (plus weight decay on z), x is the lr_max²-weighted average of z, the
-    parameters hold y = β·x + (1 − β)·z with β = interpolation; m follows the gradient."""
-    model = small_model()
-    params = list(model.parameters())
+    """EmoCats(average=True): z steps by Lion's sign of the blended momentum (plus weight
+    decay on z), m follows the gradient, against the three-sequence form
+    (:func:`assert_schedule_free`) with β = interpolation."""
+    params = list(small_model().parameters())
     wd, beta = 0.01, 0.8
     opt = EmoCats(params, weight_decay=wd, foreach=False, **AVERAGE)
     beta1, beta2 = opt.param_groups[0]["betas"]
     assert (beta1, beta2) == (0.9, 0.8)
-    z = [p.detach().double().clone() for p in params]
-    x = [t.clone() for t in z]
-    m = [torch.zeros_like(t) for t in z]
-    lr_max = weight_sum = 0.0
-    for step, loss in enumerate(scripted_losses(25)):
-        set_random_grads(params, step)
-        grads = [p.grad.double() for p in params]
-        opt.step(loss=abs(loss) + 0.1)
-        lr = opt.get_effective_lr()[0]
-        lr_max = max(lr_max, lr)
-        weight_sum += lr_max**2
-        c = lr_max**2 / weight_sum
-        for i, g in enumerate(grads):
-            u = torch.sign(beta1 * m[i] + (1 - beta1) * g) + wd * z[i]
-            z[i] = z[i] - lr * u
-            m[i] = beta2 * m[i] + (1 - beta2) * g
-            x[i] = (1 - c) * x[i] + c * z[i]
-            y = (1 - beta) * z[i] + beta * x[i]
-            torch.testing.assert_close(params[i].double(), y, rtol=1e-5, atol=1e-7)
-    opt.eval()
-    for p, want in zip(params, x):
-        torch.testing.assert_close(p.double(), want, rtol=1e-5, atol=1e-6)
+    m = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+
+    def lion(i: int, g: torch.Tensor, z: torch.Tensor, step: int) -> torch.Tensor:
+        u = torch.sign(beta1 * m[i] + (1 - beta1) * g) + wd * z
+        m[i] = beta2 * m[i] + (1 - beta2) * g
+        return u
+
+    assert_schedule_free(opt, params, beta, lion)
 
 
 @pytest.mark.parametrize("impl", [{"foreach": True}, {"compile_update": True}], ids=str)
