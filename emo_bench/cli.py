@@ -61,7 +61,7 @@ import torch
 from . import report
 from .contenders import ADAMW_SWEEP, quality_contenders
 from .machine import describe_machine, set_threads
-from .workloads import get_workloads
+from .workloads import WORKLOADS, get_workloads
 
 __all__ = ["main", "run_quality_command", "run_speed_command"]
 
@@ -181,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workloads",
         type=_csv,
         default=None,
-        help="comma-separated: digits, charlm, flow, quadratic, finetune, lora, conv, "
-        "autoencoder (default: all)",
+        help=f"comma-separated: {', '.join(WORKLOADS)} (default: all)",
     )
     q.add_argument(
         "--optimizers",
