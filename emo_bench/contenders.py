@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from emo_core import EmoAiry, EmoCats, EmoOptimizer, EmoSens
+from emo_core import EmoAiry, EmoCats, EmoOptimizer, EmoSens, EmoSensScheduleFree
 
 from .lion import Lion
 
@@ -51,10 +51,12 @@ EMO_VARIANTS: tuple[tuple[type[EmoOptimizer], dict[str, Any]], ...] = (
     ),
     (EmoSens, {"pulse": "distance", "average": True}),
     (EmoCats, {"pulse": "distance", "average": True}),
+    (EmoSensScheduleFree, {}),  # the same as the averaged EmoSens row, without weight decay
 )
 """Emo rows: ``(class, extra kwargs)`` on top of ``lr=1.0``, one per pulse controller (each
-named explicitly, so a row means the same whichever is the default), and EmoSens and
-EmoCats with Schedule-Free averaging; kwargs the class does not accept drop the row (see
+named explicitly, so a row means the same whichever is the default), EmoSens and
+EmoCats with Schedule-Free averaging, and ``EmoSensScheduleFree`` (averaged EmoSens with its
+default ``weight_decay=0``); kwargs the class does not accept drop the row (see
 :func:`emo_contenders`)."""
 
 

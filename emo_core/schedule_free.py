@@ -4,8 +4,8 @@ Training scripts recognise a Schedule-Free optimizer by its name: kohya-ss sd-sc
 one, treats every ``--optimizer_type`` that ends in ``ScheduleFree`` as one, calls its
 ``train()``/``eval()`` around sampling, validation and saving (so the saved model is the
 average ``x``) and replaces its LR scheduler by a constant one. This class is
-``EmoSens(pulse="distance", average=True)`` with that name; its state is EmoSens's, so a
-checkpoint of either loads into the other.
+``EmoSens(pulse="distance", average=True)`` with that name and Schedule-Free's default of no
+weight decay (below); its state is EmoSens's, so a checkpoint of either loads into the other.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ class EmoSensScheduleFree(EmoSens):
     """:class:`~emo_core.EmoSens` with ``pulse="distance", average=True`` fixed
     (``emo_core/averaging.md``): call ``opt.train()`` before training steps and
     ``opt.eval()`` before evaluating or saving. The other arguments are EmoSens's
-    (``use_shadow`` excepted, which averaging excludes)."""
+    (``use_shadow`` excepted, which averaging excludes), except that ``weight_decay``
+    defaults to 0, as in Schedule-Free AdamW and Prodigy + Schedule-Free: the LR that
+    averaging finds is large (0.26 on emo-bench's quadratic, ~1e-2 elsewhere), and the decay
+    ``lr·weight_decay`` grows with it (``averaging.md``, "Weight decay")."""
 
     state_owner = "EmoSens"  # the state layout (and the name checked on load) is EmoSens's
 
@@ -35,7 +38,7 @@ class EmoSensScheduleFree(EmoSens):
         lr: float = 1.0,
         betas: tuple[float, float] = (0.9, 0.995),
         eps: float = 1e-8,
-        weight_decay: float = 0.01,
+        weight_decay: float = 0.0,
         *,
         min_lr: float | None = None,
         max_lr: float | None = None,

@@ -55,7 +55,7 @@ def test_quality_json_has_documented_fields(tmp_path: Path, capsys) -> None:
     names = {(r["workload"], r["optimizer"]) for r in doc["results"]}
     emo = [c.name for c in emo_contenders() if c.name.startswith("EmoSens")]
     assert len(names) == 2 * (len(emo) + 6 + 1)  # EmoSens rows, 6 AdamW lrs, SF
-    assert len(emo) == 3  # per pulse, and distance with averaging
+    assert len(emo) == 4  # per pulse, distance with averaging, EmoSensScheduleFree
     fields = {
         "workload",
         "optimizer",

@@ -141,7 +141,11 @@ def test_sweep_covers_1e4_to_3e2_and_every_family_is_present() -> None:
         f"{cls} pulse={pulse}"
         for pulse in ("v37", "distance")
         for cls in ("EmoSens", "EmoAiry", "EmoCats")
-    ] + ["EmoSens pulse=distance average=True", "EmoCats pulse=distance average=True"]
+    ] + [
+        "EmoSens pulse=distance average=True",
+        "EmoCats pulse=distance average=True",
+        "EmoSensScheduleFree",
+    ]
 
 
 def test_emo_rows_switch_train_and_eval_so_averaging_evaluates_the_average() -> None:

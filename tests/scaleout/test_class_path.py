@@ -164,6 +164,7 @@ def test_sd_scripts_treats_emosens_schedule_free_as_schedule_free_and_saves_the_
     model = nn.Linear(4, 1)
     opt = load_class(optimizer_type)(model.parameters(), lr=1.0)
     assert opt.average and opt.pulse == "distance"
+    assert opt.param_groups[0]["weight_decay"] == 0.0  # Schedule-Free's default (averaging.md)
     opt.train()  # sd-scripts: right after the optimizer is built
     run(range(10), model, opt)
     training_point = [p.detach().clone() for p in model.parameters()]
