@@ -192,6 +192,14 @@ def averaged_emocats(
 ) -> None:
     """Functional averaged (Schedule-Free) EmoCats update of one bucket (``bucket.mix``)."""
     options = {"beta1": beta1, "beta2": beta2, "weight_decay": weight_decay}
+    if bucket.impl == "foreach" and bucket.is_plain_cpu():
+        # Large contiguous CPU tensors in cache-sized blocks, the rest multi-tensor.
+        blocked, rest = bucket.split_large()
+        if blocked is not None:
+            _blocked_averaged(blocked, interpolation=interpolation, **options)
+            if rest is not None:
+                _foreach_averaged(rest, interpolation=interpolation, **options)
+            return
     kernel = {"foreach": _foreach_averaged, "single": _single_tensor_averaged}.get(bucket.impl)
     kernel = kernel or compiled(_single_tensor_averaged)
     kernel(bucket, interpolation=interpolation, **options)
@@ -229,3 +237,36 @@ def _foreach_averaged(
         torch._foreach_add_(direction, zs, alpha=weight_decay)
     schedule_free_step_(bucket.params, zs, direction, lr, mix, interpolation)
     torch._foreach_lerp_(exp_avgs, grads, bucket.blend(1.0 - beta2))
+
+
+def _blocked_averaged(
+    bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float, interpolation: float
+) -> None:
+    """The averaged rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK`` elements
+    (as :func:`_blocked_emocats`): the masked gradient and the direction live in two reused
+    scratch buffers that stay in L2 while ``y``, ``z`` and ``m`` are streamed once."""
+    lr = bucket.step_lr()
+    mix = bucket.mix
+    toward_y = lr * (interpolation * (1.0 - mix) - 1.0)  # 0 on a skipped step, as mix
+    blend = (bucket.valid * (1.0 - beta2)).to(lr.dtype)
+    keep = bucket.keep_bits(torch.int32)
+    grad_block = torch.empty(CPU_BLOCK, dtype=torch.int32)
+    direction_block = torch.empty(CPU_BLOCK, dtype=lr.dtype)
+    for y, g, m, z in zip(
+        bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["z"]
+    ):
+        flat_y, flat_g, flat_m, flat_z = y.view(-1), g.view(-1), m.view(-1), z.view(-1)
+        for start in range(0, flat_y.numel(), CPU_BLOCK):
+            block = slice(start, start + CPU_BLOCK)
+            size = flat_y[block].numel()
+            g_block = torch.bitwise_and(
+                flat_g[block].view(torch.int32), keep, out=grad_block[:size]
+            ).view(lr.dtype)  # +0.0 everywhere on a skipped step
+            m_block, z_block, y_block = flat_m[block], flat_z[block], flat_y[block]
+            u = torch.lerp(m_block, g_block, 1.0 - beta1, out=direction_block[:size]).sign_()
+            if weight_decay:
+                u.add_(z_block, alpha=weight_decay)
+            y_block.lerp_(z_block, mix)
+            y_block.addcmul_(u, toward_y)
+            z_block.addcmul_(u, lr, value=-1.0)
+            m_block.lerp_(g_block, blend)

@@ -90,11 +90,14 @@ def _big_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(400, 400), torch.nn.Linear(400, 3))
 
 
+@pytest.mark.parametrize("cls", [EmoSens, EmoCats])
 @pytest.mark.parametrize("bad", [None, "inf_grad"])
-def test_the_blocked_cpu_kernel_matches_the_loop_and_skips_bitwise(bad: str | None) -> None:
+def test_the_blocked_cpu_kernel_matches_the_loop_and_skips_bitwise(
+    cls: type, bad: str | None
+) -> None:
     ref_model, model = _big_model(), _big_model()
-    ref = EmoSens(ref_model.parameters(), foreach=False, **AVERAGE)
-    opt = EmoSens(model.parameters(), foreach=True, **AVERAGE)  # blocked for the 400x400 weight
+    ref = cls(ref_model.parameters(), foreach=False, **AVERAGE)
+    opt = cls(model.parameters(), foreach=True, **AVERAGE)  # blocked for the 400x400 weight
     train_scripted(ref_model, ref, range(8))
     train_scripted(model, opt, range(8))
     for a, b in zip(model.parameters(), ref_model.parameters()):
