@@ -162,6 +162,28 @@ class Bucket:
             and all(type(p) in _PLAIN for p in self.params)
         )
 
+    def cpu_blocks(self, *states: list[Tensor]) -> Iterator[tuple[Tensor, Tensor, list[Tensor]]]:
+        """For blocked CPU kernels (on a :meth:`split_large` bucket): per block of
+        ``CPU_BLOCK`` elements of each tensor, ``(g, scratch, [p, *states])``: the gradient's
+        block masked bitwise (+0.0 everywhere on a skipped step, nan and inf included), a
+        scratch block of the same size, and the block's views of the parameter and of each
+        state list. The two buffers are reused, so they stay in L2 while the tensors are
+        streamed from memory once."""
+        dtype = self.lr.dtype
+        keep = self.keep_bits(torch.int32)
+        grad_buffer = torch.empty(CPU_BLOCK, dtype=torch.int32)
+        scratch = torch.empty(CPU_BLOCK, dtype=dtype)
+        for g, *tensors in zip(self.grads, self.params, *states):
+            flat_g, flats = g.view(-1), [t.view(-1) for t in tensors]
+            for start in range(0, flat_g.numel(), CPU_BLOCK):
+                block = slice(start, start + CPU_BLOCK)
+                views = [flat[block] for flat in flats]
+                size = views[0].numel()
+                masked = torch.bitwise_and(
+                    flat_g[block].view(torch.int32), keep, out=grad_buffer[:size]
+                )
+                yield masked.view(dtype), scratch[:size], views
+
     def split_large(self) -> tuple[Bucket | None, Bucket | None]:
         """``(large, rest)``: the contiguous fp32 tensors of at least ``CPU_BLOCK`` elements
         (for a blocked CPU kernel, whose bitwise mask views them as int32) and the others;

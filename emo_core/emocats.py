@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import CPU_BLOCK, DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
+from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
 from .averaging import schedule_free_step_
 
@@ -158,33 +158,17 @@ def _foreach_emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay
 
 
 def _blocked_emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float) -> None:
-    """The rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK`` elements.
-
-    Each block's masked gradient and sign direction live in two reused scratch buffers that
-    stay in L2, so a tensor is streamed from memory once (~2x faster than the multi-tensor
-    kernel's full-size temporaries, which cost DRAM traffic and page faults).
-    """
+    """The rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK`` elements
+    (:meth:`Bucket.cpu_blocks`): ~2x faster than the multi-tensor kernel's full-size
+    temporaries, which cost DRAM traffic and page faults."""
     lr = bucket.step_lr()
     shrink = 1.0 - lr * weight_decay
     blend = (bucket.valid * (1.0 - beta2)).to(lr.dtype)
-    keep = bucket.keep_bits(torch.int32)
-    grad_block = torch.empty(CPU_BLOCK, dtype=torch.int32)
-    direction_block = torch.empty(CPU_BLOCK, dtype=lr.dtype)
-    for p, g, m in zip(bucket.params, bucket.grads, bucket.states["exp_avg"]):
-        flat_p, flat_g, flat_m = p.view(-1), g.view(-1), m.view(-1)
-        for start in range(0, flat_p.numel(), CPU_BLOCK):
-            block = slice(start, start + CPU_BLOCK)
-            size = flat_p[block].numel()
-            # The gradient masked bitwise: +0.0 everywhere on a skipped step (nan/inf included).
-            g_block = torch.bitwise_and(
-                flat_g[block].view(torch.int32), keep, out=grad_block[:size]
-            ).view(lr.dtype)
-            direction = torch.lerp(flat_m[block], g_block, 1.0 - beta1, out=direction_block[:size])
-            direction.sign_()
-            p_block = flat_p[block]
-            p_block.mul_(shrink)
-            p_block.addcmul_(direction, lr, value=-1.0)
-            flat_m[block].lerp_(g_block, blend)
+    for g, scratch, (p, m) in bucket.cpu_blocks(bucket.states["exp_avg"]):
+        direction = torch.lerp(m, g, 1.0 - beta1, out=scratch).sign_()
+        p.mul_(shrink)
+        p.addcmul_(direction, lr, value=-1.0)
+        m.lerp_(g, blend)
 
 
 def averaged_emocats(
@@ -243,30 +227,17 @@ def _blocked_averaged(
     bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float, interpolation: float
 ) -> None:
     """The averaged rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK`` elements
-    (as :func:`_blocked_emocats`): the masked gradient and the direction live in two reused
-    scratch buffers that stay in L2 while ``y``, ``z`` and ``m`` are streamed once."""
+    (:meth:`Bucket.cpu_blocks`), as :func:`_blocked_emocats`."""
     lr = bucket.step_lr()
     mix = bucket.mix
     toward_y = lr * (interpolation * (1.0 - mix) - 1.0)  # 0 on a skipped step, as mix
     blend = (bucket.valid * (1.0 - beta2)).to(lr.dtype)
-    keep = bucket.keep_bits(torch.int32)
-    grad_block = torch.empty(CPU_BLOCK, dtype=torch.int32)
-    direction_block = torch.empty(CPU_BLOCK, dtype=lr.dtype)
-    for y, g, m, z in zip(
-        bucket.params, bucket.grads, bucket.states["exp_avg"], bucket.states["z"]
-    ):
-        flat_y, flat_g, flat_m, flat_z = y.view(-1), g.view(-1), m.view(-1), z.view(-1)
-        for start in range(0, flat_y.numel(), CPU_BLOCK):
-            block = slice(start, start + CPU_BLOCK)
-            size = flat_y[block].numel()
-            g_block = torch.bitwise_and(
-                flat_g[block].view(torch.int32), keep, out=grad_block[:size]
-            ).view(lr.dtype)  # +0.0 everywhere on a skipped step
-            m_block, z_block, y_block = flat_m[block], flat_z[block], flat_y[block]
-            u = torch.lerp(m_block, g_block, 1.0 - beta1, out=direction_block[:size]).sign_()
-            if weight_decay:
-                u.add_(z_block, alpha=weight_decay)
-            y_block.lerp_(z_block, mix)
-            y_block.addcmul_(u, toward_y)
-            z_block.addcmul_(u, lr, value=-1.0)
-            m_block.lerp_(g_block, blend)
+    blocks = bucket.cpu_blocks(bucket.states["exp_avg"], bucket.states["z"])
+    for g, scratch, (y, m, z) in blocks:
+        u = torch.lerp(m, g, 1.0 - beta1, out=scratch).sign_()
+        if weight_decay:
+            u.add_(z, alpha=weight_decay)
+        y.lerp_(z, mix)
+        y.addcmul_(u, toward_y)
+        z.addcmul_(u, lr, value=-1.0)
+        m.lerp_(g, blend)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import CPU_BLOCK, DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
+from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
 from .averaging import inverse_bias_correction, schedule_free_step_
 
@@ -301,35 +301,22 @@ def _blocked_averaged(
     bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
     """The averaged rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK``
-    elements: the masked gradient and the direction live in two reused scratch buffers
-    that stay in L2, so each tensor is streamed from memory once."""
+    elements (:meth:`Bucket.cpu_blocks`), so each tensor is streamed from memory once."""
     lr = bucket.step_lr()
     mix = bucket.mix
     keep2 = bucket.decay(beta2)
     toward_y = lr * (beta1 * (1.0 - mix) - 1.0)
     unbias = inverse_bias_correction(bucket.average_steps, beta2)
-    keep = bucket.keep_bits(torch.int32)
-    grad_block = torch.empty(CPU_BLOCK, dtype=torch.int32)
-    direction_block = torch.empty(CPU_BLOCK, dtype=lr.dtype)
-    for y, g, z, v in zip(
-        bucket.params, bucket.grads, bucket.states["z"], bucket.states["exp_avg_sq"]
-    ):
-        flat_y, flat_g, flat_z, flat_v = y.view(-1), g.view(-1), z.view(-1), v.view(-1)
-        for start in range(0, flat_y.numel(), CPU_BLOCK):
-            block = slice(start, start + CPU_BLOCK)
-            size = flat_y[block].numel()
-            g_block = torch.bitwise_and(
-                flat_g[block].view(torch.int32), keep, out=grad_block[:size]
-            ).view(lr.dtype)  # +0.0 everywhere on a skipped step
-            v_block, z_block, y_block = flat_v[block], flat_z[block], flat_y[block]
-            v_block.mul_(keep2).addcmul_(g_block, g_block, value=1.0 - beta2)
-            direction = torch.sqrt(v_block, out=direction_block[:size]).mul_(unbias).add_(eps)
-            torch.div(g_block, direction, out=direction)
-            if weight_decay:
-                direction.add_(z_block, alpha=weight_decay)
-            y_block.lerp_(z_block, mix)
-            y_block.addcmul_(direction, toward_y)
-            z_block.addcmul_(direction, lr, value=-1.0)
+    blocks = bucket.cpu_blocks(bucket.states["z"], bucket.states["exp_avg_sq"])
+    for g, scratch, (y, z, v) in blocks:
+        v.mul_(keep2).addcmul_(g, g, value=1.0 - beta2)
+        direction = torch.sqrt(v, out=scratch).mul_(unbias).add_(eps)
+        torch.div(g, direction, out=direction)
+        if weight_decay:
+            direction.add_(z, alpha=weight_decay)
+        y.lerp_(z, mix)
+        y.addcmul_(direction, toward_y)
+        z.addcmul_(direction, lr, value=-1.0)
 
 
 def _fused_averaged(
