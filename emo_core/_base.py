@@ -678,6 +678,7 @@ class EmoOptimizer(Optimizer):
             world = world_size(self.process_group) if self.sync_loss else 1
             cache["plan"] = plan_sample(self.param_groups, sensor.device, world)
             cache["layout"] = layout
+            cache["views"] = [None] * len(cache["plan"].pieces)
             state = self.emo_state.get(DISTANCE_STATE_KEY)
             groups = len(self.param_groups)
             if (
@@ -708,7 +709,9 @@ class EmoOptimizer(Optimizer):
         # With averaging the distance is that of the stepped sequence z (the parameters
         # hold the interpolation y); before the first step z is the parameter itself.
         source = self._stepped_point if self.average else None
-        return gather_sample(self._distance_plan(), self.param_groups, sensor.device, source)
+        plan = self._distance_plan()
+        views = self._plan["views"]
+        return gather_sample(plan, self.param_groups, sensor.device, source, views)
 
     def _stepped_point(self, p: Tensor) -> Tensor:
         """``z`` of ``p`` (complex: its real view, as sampled), or ``p`` before it exists."""
@@ -997,7 +1000,8 @@ class EmoOptimizer(Optimizer):
             taken = plan.meta["steps"].to(averaging["steps"])
             averaging["steps"] = torch.where(older, taken, averaging["steps"])
             self._flags["eval_mode"] = bool(averaging["eval_mode"])
-        self._plan.update(plan=None, layout=None)  # the sample plan is rebuilt at the next step
+        # the sample plan (and its cached views) is rebuilt at the next step
+        self._plan.update(plan=None, layout=None, views=None)
         self._flags["warned_no_loss"] = False
         self._refresh_effective_lr()
         for hook in post_hooks.values():

@@ -269,21 +269,43 @@ def gather_sample(
     param_groups: list[dict],
     device: torch.device,
     source: Callable[[Tensor], Tensor] | None = None,
+    views: list[tuple[int, Tensor] | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(x, g)``: the sampled parameter and gradient values, each ``[plan.size]`` fp32,
     scaled by this rank's share (so that a cross-rank sum gives the values). Zero gradient
     where a sampled parameter has none this step. ``source(p)``: the tensor whose values
-    stand for ``p``'s (same layout; a complex one as its real view), default ``p``."""
+    stand for ``p``'s (same layout; a complex one as its real view), default ``p``.
+
+    ``views``: the caller's cache of the parameter side's strided views, one slot per piece
+    (``[None] * len(plan.pieces)`` to start), kept from step to step: a view per tensor is most
+    of the sample's cost on a layout of many small tensors, and a parameter's storage does
+    not move. Each slot holds its tensor's data pointer and is read afresh when that changes
+    (``p.data`` replaced; the cached view keeps the old storage alive until then, so an equal
+    pointer is the same memory; a view of the detached tensor, so autograd's view checks do
+    not follow it). Gradients are viewed afresh every step: they are new tensors.
+    """
+    eager = not torch.compiler.is_compiling()
+    cache = views is not None and eager
     xs, gs = [], []
-    for piece in plan.pieces:
+    for i, piece in enumerate(plan.pieces):
         p = param_groups[piece.group]["params"][piece.index]
         x = p if source is None else source(p)
-        window = slice(piece.start, piece.start + piece.stride * piece.length, piece.stride)
         grad = p.grad
         if piece.plain and grad is not None and p.device == device:  # the common case
-            xs.append(_strided(x, piece))
-            gs.append(_strided(grad, piece))
+            if cache and x.is_contiguous():
+                slot = views[i]
+                if slot is None or slot[0] != x.data_ptr() or slot[1].dtype != x.dtype:
+                    slot = views[i] = (x.data_ptr(), _strided(x.detach(), piece))
+                xs.append(slot[1])
+            else:
+                xs.append(_strided(x, piece))
+            if eager and grad.is_contiguous():  # (_strided's fast case, inline: per tensor)
+                offset = grad.storage_offset() + piece.start
+                gs.append(grad.as_strided((piece.length,), (piece.stride,), offset))
+            else:
+                gs.append(_strided(grad, piece))
             continue
+        window = slice(piece.start, piece.start + piece.stride * piece.length, piece.stride)
         x_part = _flat(local_shard(x))[window]
         g_part = torch.zeros_like(x_part) if grad is None else _flat(local_shard(grad))[window]
         for parts, part in ((xs, x_part), (gs, g_part)):

@@ -184,6 +184,23 @@ def test_resume_is_bitwise_exact(name: str) -> None:
     assert fresh.get_effective_lr() == ref.get_effective_lr()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_parameter_whose_storage_is_replaced_is_sampled_afresh(name: str) -> None:
+    """The sample keeps its views of the parameters between steps; ``p.data = ...`` (a
+    framework moving or re-materialising weights) must be read from the new storage."""
+    ref_model = small_model()
+    ref = OPTIMIZERS[name](ref_model.parameters(), **DISTANCE)
+    train_scripted(ref_model, ref, range(30))
+    model = small_model()
+    opt = OPTIMIZERS[name](model.parameters(), **DISTANCE)
+    train_scripted(model, opt, range(15))
+    for p in model.parameters():
+        p.data = p.data.clone()  # the old storage stops being updated
+    train_scripted(model, opt, range(15, 30))
+    assert_same(model.state_dict(), ref_model.state_dict())
+    assert_same(opt.emo_state["emo_distance"], ref.emo_state["emo_distance"])
+
+
 CONTROLLER_CORRUPTIONS = {
     "nan scale": (lambda d: d.update(d=torch.tensor(float("nan"), dtype=d["d"].dtype)), "'d'"),
     "missing key": (lambda d: d.pop("num"), "lacks 'num'"),
