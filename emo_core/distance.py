@@ -305,6 +305,8 @@ def gather_sample(
             else:
                 gs.append(_strided(grad, piece))
             continue
+        if cache:
+            views[i] = None  # (a cached view must not keep a moved tensor's old storage)
         window = slice(piece.start, piece.start + piece.stride * piece.length, piece.stride)
         x_part = _flat(local_shard(x))[window]
         g_part = torch.zeros_like(x_part) if grad is None else _flat(local_shard(grad))[window]
