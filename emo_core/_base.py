@@ -272,13 +272,17 @@ class EmoOptimizer(Optimizer):
 
     ``direction_power``: how far the subclass's update direction is from an Adam direction
     in size under gradient noise (0: Adam-type; 1: sign); the distance controller scales its
-    LR by ``ρ^direction_power`` (``distance.md``).
+    LR by ``ρ^direction_power`` (``distance.md``). ``growth_limit``: the most the distance
+    controller's scale may grow per step without averaging (``distance.md`` step 5):
+    :data:`~emo_core.distance.GROWTH` for an update that carries a first moment (stale and
+    coherent over the first steps), ``math.inf`` for one that has none.
 
     Subclasses add their hyperparameter checks (``_check_group``), lazy per-parameter state
     (``_init_state``), the kernel choice (``_pick_impl``) and the update rule (``_update``).
     """
 
     direction_power = 0.0
+    growth_limit = GROWTH
 
     def __init__(
         self,
@@ -731,7 +735,7 @@ class EmoOptimizer(Optimizer):
             max_lr=self.max_lr,
             direction_power=self.direction_power,
             settle=not self.average,
-            growth=math.inf if self.average else GROWTH,
+            growth=math.inf if self.average else self.growth_limit,
         )
         self.emo_state[DISTANCE_STATE_KEY] = state
         # the sensor's one pulse (telemetry, the averaging weights): the largest group's

@@ -9,6 +9,7 @@ applied as ``p ← p·(1 − wd·lr) − lr·u``. Matrices cost about 0 bytes of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,6 +43,9 @@ class EmoAiry(EmoOptimizer):
     """
 
     direction_power = 0.5  # g/√v̂: unit RMS, not unit size per coordinate
+    # No first moment and a bias-corrected v: no stale, coherent early steps for the
+    # distance controller's growth limit to guard against (distance.md, step 5).
+    growth_limit = math.inf
 
     def __init__(
         self,

@@ -102,16 +102,20 @@ def test_on_a_noise_dominated_problem_the_lr_anneals(cls):
     assert lrs[-1] < 0.5 * max(lrs)
 
 
-def test_the_scale_grows_at_most_by_the_growth_limit_per_step():
-    lrs = _noisy_quadratic_lr(EmoSens, 40)
+@pytest.mark.parametrize("cls", [EmoSens, EmoCats])
+def test_the_scale_grows_at_most_by_the_growth_limit_per_step(cls):
+    """Updates with a first moment: its early steps are stale and coherent."""
+    lrs = _noisy_quadratic_lr(cls, 40)
     for k, lr in enumerate(lrs, start=1):
         assert lr <= D0 * GROWTH**k * (1 + 1e-6)
 
 
-def test_under_iterate_averaging_the_scale_follows_its_estimate_at_once():
-    """Averaging bias-corrects v, so the early moments are not stale and the growth limit is
-    off: the scale reaches in a few steps what the limit would take dozens for."""
-    lrs = _noisy_quadratic_lr(EmoSens, 40, average=True)
+@pytest.mark.parametrize(("cls", "average"), [(EmoSens, True), (EmoAiry, False)])
+def test_without_a_first_moment_the_scale_follows_its_estimate_at_once(cls, average):
+    """Averaging (whose direction has no first moment) and EmoAiry (which has none) bias-
+    correct v, so the early steps are not stale and the growth limit is off: the scale
+    reaches in a few steps what the limit would take dozens for."""
+    lrs = _noisy_quadratic_lr(cls, 40, **({"average": True} if average else {}))
     assert any(lr > 10 * D0 * GROWTH**k for k, lr in enumerate(lrs, start=1))
 
 

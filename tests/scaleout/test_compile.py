@@ -116,7 +116,8 @@ def test_no_recompiles_while_the_effective_lr_changes(name: str, pulse: str) -> 
     after_warmup = result["lrs"][WARMUP_CALLS:]
     assert len({round(lr, 12) for lr in after_warmup}) >= 3, "the LR should move in this test"
     assert result["frames"] == result["frames_after_warmup"], "recompiled as the LR changed"
-    # distance: the growth limit keeps the k-th step's LR <= D0·1.2^k (~1e-5 by the 12th)
+    # distance: the LR starts at D0 (and EmoSens's and EmoCats's growth limit keeps the k-th
+    # step's LR <= D0·1.2^k, ~1e-5 by the 12th)
     assert result["moved"] > (1e-4 if pulse == "v37" else 1e-5)
     assert result["diff"] <= 1e-6 * (1.0 if pulse == "v37" else 0.1), "compiled != eager"
 
