@@ -162,14 +162,20 @@ def test_a_skipped_step_is_a_bitwise_no_op(name: str, bad: str) -> None:
     assert "emo_distance" in assert_bad_step_is_a_no_op(model, opt, bad, step=4)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_resume_is_bitwise_exact(name: str) -> None:
+def _reference_and_halfway(name: str) -> tuple[tuple, tuple]:
+    """(model, optimizer) after 30 scripted steps, and a twin after the first 15."""
     ref_model = small_model()
     ref = OPTIMIZERS[name](ref_model.parameters(), **DISTANCE)
     train_scripted(ref_model, ref, range(30))
     model = small_model()
     opt = OPTIMIZERS[name](model.parameters(), **DISTANCE)
     train_scripted(model, opt, range(15))
+    return (ref_model, ref), (model, opt)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_is_bitwise_exact(name: str) -> None:
+    (ref_model, ref), (model, opt) = _reference_and_halfway(name)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
@@ -188,12 +194,7 @@ def test_resume_is_bitwise_exact(name: str) -> None:
 def test_a_parameter_whose_storage_is_replaced_is_sampled_afresh(name: str) -> None:
     """The sample keeps its views of the parameters between steps; ``p.data = ...`` (a
     framework moving or re-materialising weights) must be read from the new storage."""
-    ref_model = small_model()
-    ref = OPTIMIZERS[name](ref_model.parameters(), **DISTANCE)
-    train_scripted(ref_model, ref, range(30))
-    model = small_model()
-    opt = OPTIMIZERS[name](model.parameters(), **DISTANCE)
-    train_scripted(model, opt, range(15))
+    (ref_model, ref), (model, opt) = _reference_and_halfway(name)
     for p in model.parameters():
         p.data = p.data.clone()  # the old storage stops being updated
     train_scripted(model, opt, range(15, 30))
