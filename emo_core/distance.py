@@ -295,15 +295,11 @@ def gather_sample(
             if cache and x.is_contiguous():
                 slot = views[i]
                 if slot is None or slot[0] != x.data_ptr() or slot[1].dtype != x.dtype:
-                    slot = views[i] = (x.data_ptr(), _strided(x.detach(), piece))
+                    slot = views[i] = (x.data_ptr(), _strided(x.detach(), piece, eager))
                 xs.append(slot[1])
             else:
-                xs.append(_strided(x, piece))
-            if eager and grad.is_contiguous():  # (_strided's fast case, inline: per tensor)
-                offset = grad.storage_offset() + piece.start
-                gs.append(grad.as_strided((piece.length,), (piece.stride,), offset))
-            else:
-                gs.append(_strided(grad, piece))
+                xs.append(_strided(x, piece, eager))
+            gs.append(_strided(grad, piece, eager))
             continue
         if cache:
             views[i] = None  # (a cached view must not keep a moved tensor's old storage)
@@ -326,10 +322,11 @@ def gather_sample(
     return x, g
 
 
-def _strided(t: Tensor, piece: _Piece) -> Tensor:
+def _strided(t: Tensor, piece: _Piece, eager: bool) -> Tensor:
     """The sampled coordinates of a plain tensor as one view (one op per tensor: with
-    every tensor of a LoRA sampled, the per-tensor overhead is the sample's cost)."""
-    if t.is_contiguous() and not torch.compiler.is_compiling():  # (storage_offset breaks it)
+    every tensor of a LoRA sampled, the per-tensor overhead is the sample's cost).
+    ``eager``: not under torch.compile (checked once per sample by the caller)."""
+    if eager and t.is_contiguous():  # (storage_offset breaks a compiled graph)
         return t.as_strided((piece.length,), (piece.stride,), t.storage_offset() + piece.start)
     return t.reshape(-1)[piece.start : piece.start + piece.stride * piece.length : piece.stride]
 

@@ -110,12 +110,14 @@ def test_the_scale_grows_at_most_by_the_growth_limit_per_step(cls):
         assert lr <= D0 * GROWTH**k * (1 + 1e-6)
 
 
-@pytest.mark.parametrize(("cls", "average"), [(EmoSens, True), (EmoAiry, False)])
-def test_without_a_first_moment_the_scale_follows_its_estimate_at_once(cls, average):
+@pytest.mark.parametrize(
+    ("cls", "options"), [(EmoSens, {"average": True}), (EmoAiry, {})], ids=["averaged", "EmoAiry"]
+)
+def test_without_a_first_moment_the_scale_follows_its_estimate_at_once(cls, options):
     """Averaging (whose direction has no first moment) and EmoAiry (which has none) bias-
     correct v, so the early steps are not stale and the growth limit is off: the scale
     reaches in a few steps what the limit would take dozens for."""
-    lrs = _noisy_quadratic_lr(cls, 40, **({"average": True} if average else {}))
+    lrs = _noisy_quadratic_lr(cls, 40, **options)
     assert any(lr > 10 * D0 * GROWTH**k for k, lr in enumerate(lrs, start=1))
 
 
