@@ -673,13 +673,17 @@ class EmoOptimizer(Optimizer):
 
     # ----------------------------------------------------- distance controller
     def _distance_plan(self) -> Any:
-        """The sample plan for the current layout (built on first use, rebuilt if groups
-        are added); the controller's sample restarts when the layout changes."""
-        layout = tuple(len(group["params"]) for group in self.param_groups)
+        """The sample plan for the current layout (built on first use, rebuilt when groups
+        are added or a tensor is frozen or unfrozen: only trainable tensors are sampled);
+        the controller's sample restarts when the plan changes during a run."""
+        layout = tuple(
+            tuple([p.requires_grad for p in group["params"]]) for group in self.param_groups
+        )
         cache = self._plan
         if cache["layout"] != layout:
             sensor = self._sensor["ema_long"]
             world = world_size(self.process_group) if self.sync_loss else 1
+            old_plan = cache["plan"]
             cache["plan"] = plan_sample(self.param_groups, sensor.device, world)
             cache["layout"] = layout
             cache["views"] = [None] * len(cache["plan"].pieces)
@@ -689,6 +693,8 @@ class EmoOptimizer(Optimizer):
                 state is None
                 or state["x0"].numel() != cache["plan"].size
                 or state["d"].shape != (groups,)
+                # (mid-run, other coordinates: x0 and s no longer describe them)
+                or (old_plan is not None and old_plan.pieces != cache["plan"].pieces)
             ):
                 fresh = init_distance_state(
                     cache["plan"].size,
@@ -715,7 +721,9 @@ class EmoOptimizer(Optimizer):
         source = self._stepped_point if self.average else None
         plan = self._distance_plan()
         views = self._plan["views"]
-        return gather_sample(plan, self.param_groups, sensor.device, source, views)
+        x, g = gather_sample(plan, self.param_groups, sensor.device, source, views)
+        # maximize: the update descends along -g, so the distance is measured along it too
+        return (x, -g) if self.maximize else (x, g)
 
     def _stepped_point(self, p: Tensor) -> Tensor:
         """``z`` of ``p`` (complex: its real view, as sampled), or ``p`` before it exists."""

@@ -406,3 +406,85 @@ def test_progress_against_the_gradient_counts_only_once_the_scale_has_grown() ->
     assert out["num"].item() < 0
     out, _ = distance_update(state, -x, g, plan, sensor, loss, valid, **options)
     assert out["num"].item() > 0
+
+
+def _fit(name: str, maximize: bool, steps: int = 80, **kw) -> tuple[list[float], torch.Tensor]:
+    """A linear fit at distance 1 (the ``_regression`` problem), minimising the squared
+    error or maximising its negative with ``maximize=True``."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(8, 4, requires_grad=True)
+    true_w = torch.sign(torch.randn(8, 4, generator=gen))
+    opt = OPTIMIZERS[name]([w], maximize=maximize, **{**DISTANCE, **kw})
+    lrs = []
+    for _ in range(steps):
+        x = torch.randn(32, 4, generator=gen)
+        error = ((x @ w.T - x @ true_w.T) ** 2).mean()
+        objective = -error if maximize else error
+        w.grad = None
+        objective.backward()
+        opt.step(loss=objective.detach())
+        lrs.append(opt.get_effective_lr()[0])
+    return lrs, w.detach()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_maximize_finds_the_same_scale_as_minimising_the_negative(name: str) -> None:
+    """``maximize=True`` ascends ``J``: the distance is measured along the step's direction
+    ``-∇(-J)``, so the run equals minimising ``-J`` bitwise (measured along ``∇J`` instead,
+    progress read as negative and the LR stayed at D0)."""
+    minimised, w_min = _fit(name, maximize=False)
+    maximised, w_max = _fit(name, maximize=True)
+    assert max(minimised) > 1e3 * D0
+    assert maximised == minimised
+    assert torch.equal(w_max, w_min)
+
+
+def _gradual_unfreezing(name: str, steps: int, frozen_for: int, **kw):
+    """Two groups; the first is frozen (``requires_grad=False``) for ``frozen_for`` steps,
+    as in gradual unfreezing. Returns (model, optimizer) after ``steps`` steps."""
+    model = small_model()
+    body, head = model["lin"], model["out"]
+    for p in body.parameters():
+        p.requires_grad_(False)
+    groups = [{"params": list(body.parameters())}, {"params": list(head.parameters())}]
+    opt = OPTIMIZERS[name](groups, **{**DISTANCE, **kw})
+    gen = torch.Generator().manual_seed(3)
+    for step in range(steps):
+        if step == frozen_for:
+            for p in body.parameters():
+                p.requires_grad_(True)
+        for p in body.parameters() if step >= frozen_for else ():
+            p.grad = torch.full(p.shape, 0.1)  # a consistent pull
+        for p in head.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step(loss=1.0 / (step + 1))
+    return model, opt
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_group_unfrozen_late_finds_its_scale(name: str) -> None:
+    """Only trainable tensors are sampled; a tensor unfrozen later joins the sample (the
+    plan was kept from the first step, so an unfrozen group stayed at D0 for good)."""
+    _, never = _gradual_unfreezing(name, steps=60, frozen_for=0)
+    _, late = _gradual_unfreezing(name, steps=80, frozen_for=20)
+    assert late.get_effective_lr()[0] > 1e3 * D0
+    assert late.get_effective_lr()[0] == pytest.approx(never.get_effective_lr()[0], rel=0.5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_after_unfreezing_is_bitwise_exact(name: str) -> None:
+    model, opt = _gradual_unfreezing(name, steps=30, frozen_for=10)
+    saved = copy.deepcopy(opt.state_dict())
+    fresh_model = copy.deepcopy(model)
+    body, head = fresh_model["lin"], fresh_model["out"]
+    groups = [{"params": list(body.parameters())}, {"params": list(head.parameters())}]
+    fresh = OPTIMIZERS[name](groups, **DISTANCE)
+    fresh.load_state_dict(saved)
+    for run, optimizer in ((model, opt), (fresh_model, fresh)):
+        gen = torch.Generator().manual_seed(9)
+        for step in range(10):
+            for p in run.parameters():
+                p.grad = torch.randn(p.shape, generator=gen) if p.requires_grad else None
+            optimizer.step(loss=0.5 / (step + 1))
+    assert_same(fresh_model.state_dict(), model.state_dict())
+    assert_same(fresh.emo_state["emo_distance"], opt.emo_state["emo_distance"])
