@@ -90,5 +90,7 @@ def _lerp_(params: list[Tensor], zs: list[Tensor], weight: float) -> None:
     for p, z in zip(params, zs):
         if p.dtype == z.dtype:
             p.lerp_(z, weight)
-        else:  # half parameters, fp32 z: mix in fp32, round once
-            p.copy_(torch.lerp(p.to(z.dtype), z, weight))
+        else:  # half parameters and fp32 z, or the reverse (a low state_dtype): mix in the
+            # wider of the two, round once into the parameter
+            wide = torch.promote_types(p.dtype, z.dtype)
+            p.copy_(torch.lerp(p.to(wide), z.to(wide), weight))

@@ -326,6 +326,27 @@ def test_bf16_parameters_train_and_switch() -> None:
     assert ((w.float() - target) ** 2).mean() < 0.1 * (target**2).mean()
 
 
+@pytest.mark.parametrize("cls", [EmoSens, EmoCats])
+def test_a_low_state_dtype_does_not_round_fp32_parameters_on_eval_and_train(cls) -> None:
+    """z kept in bf16 (``state_dtype``) beside fp32 parameters: the switch mixes in fp32 and
+    rounds once into the parameter (it had cast the parameter down to bf16: every eval()
+    quantised the model, and an eval()/train() round trip moved it by ~1e-4)."""
+    model = small_model()
+    params = list(model.parameters())
+    opt = cls(params, state_dtype=torch.bfloat16, **AVERAGE)
+    train_scripted(model, opt, range(20))
+    y = [p.detach().clone() for p in params]
+    zs = [opt.state[p]["z"].float() for p in params]
+    beta = opt._interpolation(opt.param_groups[0])
+    opt.eval()
+    for p, y0, z in zip(params, y, zs):
+        want = torch.lerp(y0, z, 1.0 - 1.0 / beta)  # x = (y − (1 − β)·z)/β
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+    opt.train()
+    for p, y0 in zip(params, y):
+        torch.testing.assert_close(p.detach(), y0, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
