@@ -569,12 +569,14 @@ class EmoOptimizer(Optimizer):
         return closure_value
 
     def _collect(self) -> list[list[tuple[int, Tensor]]]:
-        """Per group, the (index, param) pairs that have a gradient; rejects sparse grads."""
+        """Per group, the (index, param) pairs that have a gradient; rejects sparse grads.
+        An empty tensor (``numel() == 0``, e.g. ``Linear(0, n)``) has nothing to update and
+        is left out (EmoAiry's row and column means of it would be nan)."""
         work = []
         for gi, group in enumerate(self.param_groups):
             params = []
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(

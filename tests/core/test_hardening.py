@@ -295,3 +295,27 @@ def test_closure_returning_none_with_gradients_warns_once_and_keeps_the_lr(name:
     assert {k: v for k, v in opt.telemetry().items() if k != "step"} == {
         k: v for k, v in telemetry.items() if k != "step"
     }
+
+
+# ---------------------------------------------------------- empty tensors
+@pytest.mark.parametrize("pulse", ["v37", "distance"])
+@pytest.mark.parametrize("name", NAMES)
+def test_an_empty_parameter_is_left_out_and_the_rest_trains(name: str, pulse: str) -> None:
+    """A ``numel() == 0`` tensor (``Linear(0, n)``) has nothing to update: it gets no state,
+    the others step as without it, and the state dict loads again (EmoAiry raised
+    ZeroDivisionError on it after the sensor had advanced)."""
+    with_empty, alone = small_model(), small_model()
+    empty = torch.nn.Parameter(torch.zeros(0, 5))
+    opt = OPTIMIZERS[name]([*with_empty.parameters(), empty], pulse=pulse)
+    ref = OPTIMIZERS[name](alone.parameters(), pulse=pulse)
+    for step, loss in enumerate(scripted_losses(6)):
+        set_random_grads(list(with_empty.parameters()), step)
+        set_random_grads(list(alone.parameters()), step)
+        empty.grad = torch.zeros(0, 5)
+        opt.step(loss=abs(loss) + 0.1)
+        ref.step(loss=abs(loss) + 0.1)
+    for p, q in zip(with_empty.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert empty not in opt.state
+    fresh = OPTIMIZERS[name]([*small_model().parameters(), empty], pulse=pulse)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
