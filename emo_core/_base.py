@@ -838,11 +838,14 @@ class EmoOptimizer(Optimizer):
                 if average is None
                 else (t.to(device=device, dtype=compute_dtype) for t in average)
             )
+            lr = group["emo_lr"].to(device=device, dtype=compute_dtype)
+            if mix is not None:  # lr = 0 freezes a group: no averaging step either
+                mix = torch.where(lr != 0, mix, torch.zeros_like(mix))
             bucket = Bucket(
                 params=work_params,
                 grads=work_grads,
                 states=states,
-                lr=group["emo_lr"].to(device=device, dtype=compute_dtype),
+                lr=lr,
                 valid=valid.to(device),
                 group=group,
                 impl=self._pick_impl(originals, per_param, compute_dtype),

@@ -330,7 +330,8 @@ def _fused_averaged(
     lerp weights are 0 and the kernel's ``found_inf`` leaves ``z`` and ``v`` alone, so every
     entry keeps its value bitwise."""
     zs, n = bucket.states["z"], len(bucket.params)
-    valid = bucket.valid.to(bucket.lr.dtype)
+    # (lr = 0, a frozen group: both lerps are skipped too, so y keeps its value bitwise)
+    valid = (bucket.valid & (bucket.lr != 0)).to(bucket.lr.dtype)
     torch._foreach_lerp_(bucket.params, zs, [valid * (1.0 - 1.0 / beta1)] * n)
     steps = torch.clamp(bucket.average_steps, min=1.0).to(torch.float32)
     _adamw_step(bucket, zs, bucket.grads, [steps] * n, 0.0, beta2, eps, weight_decay)

@@ -326,6 +326,28 @@ def test_bf16_parameters_train_and_switch() -> None:
     assert ((w.float() - target) ** 2).mean() < 0.1 * (target**2).mean()
 
 
+@pytest.mark.parametrize("impl", KERNELS[:3], ids=str)
+@pytest.mark.parametrize("cls", [EmoSens, EmoCats])
+def test_lr_zero_freezes_a_group_bitwise(cls, impl: dict) -> None:
+    """A group whose lr is set to 0 mid-run keeps its parameters bitwise, as without
+    averaging (the averaging step ``y ← lerp(y, z, c)`` had kept pulling them toward z)."""
+    model = small_model()
+    body, head = list(model["lin"].parameters()), list(model["out"].parameters())
+    if cls is EmoCats and impl.get("fused"):
+        impl = {}  # (EmoCats has no fused kernel)
+    opt = cls([{"params": body}, {"params": head}], **AVERAGE, **impl)
+    params = body + head
+    for step in range(30):
+        if step == 15:
+            opt.param_groups[0]["lr"] = 0.0
+            frozen = [p.detach().clone() for p in body]
+            head_before = head[0].detach().clone()
+        set_random_grads(params, step)
+        opt.step(loss=1.0 / (step + 1))
+    assert_same(frozen, [p.detach() for p in body])
+    assert not torch.equal(head[0], head_before)  # the other group trains on
+
+
 @pytest.mark.parametrize("cls", [EmoSens, EmoCats])
 def test_a_low_state_dtype_does_not_round_fp32_parameters_on_eval_and_train(cls) -> None:
     """z kept in bf16 (``state_dtype``) beside fp32 parameters: the switch mixes in fp32 and
