@@ -647,6 +647,31 @@ class EmoOptimizer(Optimizer):
                 base = per_group[index]
             group["emo_lr"] = (base * group["lr"]).to(torch.float32)
 
+    def _controller_mismatch(self, keys: set[str], sensed: bool, stepped: bool) -> str | None:
+        """Why a state dict whose optimizer-wide entries are ``keys`` was not saved by an
+        optimizer configured like this one (None if it could have been). ``sensed``: its
+        sensor has sensed a loss (a distance controller would have state then); ``stepped``:
+        it has taken a step or holds per-parameter state."""
+        name = type(self).__name__
+        if DISTANCE_STATE_KEY in keys and self.pulse != "distance":
+            return (
+                f"it holds the distance controller's state ({DISTANCE_STATE_KEY!r}), so it was "
+                f"saved with pulse='distance'; construct {name}(..., pulse='distance') to resume it"
+            )
+        if self.pulse == "distance" and DISTANCE_STATE_KEY not in keys and sensed:
+            return (
+                f"it has no {DISTANCE_STATE_KEY!r} entry although its sensor has sensed losses, "
+                f"so it was saved with pulse='v37' (or the entry was removed); construct "
+                f"{name}(..., pulse='v37') to resume it"
+            )
+        if self.average and AVERAGE_STATE_KEY not in keys and stepped:
+            return (
+                f"it has no {AVERAGE_STATE_KEY!r} entry although it has stepped, so it was not "
+                f"saved with average=True (or the entry was removed); construct {name} as "
+                "it was saved to resume it"
+            )
+        return None
+
     def _controller_template(self, key: str, saved: dict[str, Any]) -> dict[str, Tensor] | None:
         """The fresh state a saved optimizer-wide entry ``key`` is checked against (None:
         not a key of this optimizer). The distance controller's sample size is the saved one
@@ -654,10 +679,13 @@ class EmoOptimizer(Optimizer):
         sensor = self._sensor["ema_long"]
         if key == AVERAGE_STATE_KEY and self.average:
             return init_average_state(sensor.device, sensor.dtype)
-        if key != DISTANCE_STATE_KEY or not isinstance(saved.get("x0"), Tensor):
+        if key != DISTANCE_STATE_KEY:
             return None
+        # the sample size is the saved one (x0's; s's when x0 is missing, which is reported)
+        vectors = [saved.get(name) for name in ("x0", "s")]
+        sizes = [v.numel() for v in vectors if isinstance(v, Tensor)]
         fresh = init_distance_state(
-            saved["x0"].numel(),
+            sizes[0] if sizes else 0,
             len(self.param_groups),
             sensor.device,
             sensor.dtype,

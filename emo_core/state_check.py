@@ -38,6 +38,26 @@ DEFAULTED_KEYS = SETTLE_KEYS | {"steps"}
 """Controller entries a state saved by an earlier version may lack (they load fresh):
 settling's, and the averaging step count (``_base.load_state_dict`` fills that one in)."""
 
+BOUNDS: dict[str, dict[str, tuple[float, bool, float, bool]]] = {
+    # key -> entry -> (lower bound, lower bound allowed, upper bound, whole numbers only)
+    "emo_distance": {
+        "d": (0.0, False, float("inf"), False),
+        "lr": (0.0, False, float("inf"), False),
+        "settle": (0.0, False, 1.0, False),
+        "n": (0.0, True, float("inf"), True),
+        "l_var": (0.0, True, float("inf"), False),
+        "v": (0.0, True, float("inf"), False),
+        "k": (0.0, True, float("inf"), True),
+    },
+    "emo_average": {
+        "lr_max": (0.0, True, float("inf"), False),
+        "weight_sum": (0.0, True, float("inf"), False),
+        "steps": (0.0, True, float("inf"), True),
+    },
+}
+"""Values a controller can hold: a scale or LR of 0 or below (which would pin the LR at
+``min_lr`` for good), a negative weight or count, a fractional count are refused on load."""
+
 if TYPE_CHECKING:
     from ._base import EmoOptimizer
 
@@ -142,9 +162,13 @@ def checked_load(opt: EmoOptimizer, state_dict: Any) -> LoadPlan:
     sensor = _checked_sensor(emo[SENSOR_KEY], opt._new_sensor_state(device))
     meta = _checked_meta(emo[META_KEY], opt._new_meta_state())
     controller = {}
-    for key, saved in emo.items():
-        if key in (SENSOR_KEY, META_KEY, "optimizer", "format"):
-            continue
+    keys = [key for key in emo if key not in (SENSOR_KEY, META_KEY, "optimizer", "format")]
+    stepped = bool(per_param) or int(meta["steps"]) > 0
+    mismatch = opt._controller_mismatch(set(keys), sensed=float(sensor["t"]) > 0, stepped=stepped)
+    if mismatch:
+        _fail(mismatch)
+    for key in keys:
+        saved = emo[key]
         template = opt._controller_template(key, saved) if isinstance(saved, Mapping) else None
         if template is None:
             _fail(f"the optimizer-wide entry {key!r} is not known to {type(opt).__name__}")
@@ -314,8 +338,25 @@ def _checked_scalars(
             _fail(f"{label} {key!r} lacks {name!r} (it has {sorted(saved)})")
         where = f"{key}[{name!r}]"
         value = _checked_tensor(where, saved[name], template, f"expected {tuple(template.shape)}")
+        _check_bounds(where, value, BOUNDS.get(key, {}).get(name))
         out[name] = value.detach().to(device=template.device, dtype=template.dtype, copy=True)
     return out
+
+
+def _check_bounds(
+    where: str, value: Tensor, bounds: tuple[float, bool, float, bool] | None
+) -> None:
+    if bounds is None or value.numel() == 0 or value.dtype == torch.bool:
+        return
+    low, low_ok, high, whole = bounds
+    values = value.detach().double()
+    smallest, largest = float(values.min()), float(values.max())
+    if smallest < low or (smallest == low and not low_ok) or largest > high:
+        relation = ">=" if low_ok else ">"
+        upper = "" if high == float("inf") else f" and <= {high:g}"
+        _fail(f"{where} holds {smallest:g}..{largest:g}, expected values {relation} {low:g}{upper}")
+    if whole and not torch.equal(values, values.round()):
+        _fail(f"{where} holds a fractional count, expected whole numbers")
 
 
 def _checked_meta(saved: Mapping[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:

@@ -488,3 +488,79 @@ def test_resume_after_unfreezing_is_bitwise_exact(name: str) -> None:
             optimizer.step(loss=0.5 / (step + 1))
     assert_same(fresh_model.state_dict(), model.state_dict())
     assert_same(fresh.emo_state["emo_distance"], opt.emo_state["emo_distance"])
+
+
+AVERAGED = {**DISTANCE, "average": True}
+
+
+def _noop(emo: dict) -> None:
+    pass
+
+
+# case: (options it was saved with, edit of its emo_state, options loading it, message)
+MISMATCHES = {
+    "v37 into distance": ({"pulse": "v37"}, _noop, DISTANCE, r"saved with pulse='v37'"),
+    "distance into v37": (DISTANCE, _noop, {"pulse": "v37"}, r"saved with pulse='distance'"),
+    "no controller entry": (
+        DISTANCE,
+        lambda emo: emo.pop("emo_distance"),
+        DISTANCE,
+        r"no 'emo_distance' entry",
+    ),
+    "no averaging entry": (
+        AVERAGED,
+        lambda emo: emo.pop("emo_average"),
+        AVERAGED,
+        r"no 'emo_average' entry",
+    ),
+    "no x0": (
+        DISTANCE,
+        lambda emo: emo["emo_distance"].pop("x0"),
+        DISTANCE,
+        r"'emo_distance' lacks 'x0'",
+    ),
+    "scale 0": (
+        DISTANCE,
+        lambda emo: emo["emo_distance"]["d"].zero_(),
+        DISTANCE,
+        r"emo_distance\['d'\] holds 0..0, expected values > 0",
+    ),
+    "negative weight": (
+        AVERAGED,
+        lambda emo: emo["emo_average"]["weight_sum"].neg_(),
+        AVERAGED,
+        r"emo_average\['weight_sum'\] holds -.*expected values >= 0",
+    ),
+    "fractional count": (
+        AVERAGED,
+        lambda emo: emo["emo_average"]["steps"].add_(0.5),
+        AVERAGED,
+        r"emo_average\['steps'\] holds a fractional count",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_a_state_of_another_pulse_or_missing_its_controller_is_refused(case: str) -> None:
+    """A resume must continue the controller that was saved: a state of the other pulse,
+    one whose controller entry was dropped, or impossible controller values are named in
+    the error, and the optimizer is left as it was (they had loaded, restarting from D0)."""
+    saved_with, edit, load_with, message = MISMATCHES[case]
+    source = small_model()
+    saver = EmoSens(source.parameters(), **saved_with)
+    train_scripted(source, saver, range(5))
+    saved = copy.deepcopy(saver.state_dict())
+    edit(saved["param_groups"][0]["emo_state"])
+    model = small_model()
+    opt = EmoSens(model.parameters(), **load_with)
+    train_scripted(model, opt, range(3))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=f"Invalid state_dict: .*{message}"):
+        opt.load_state_dict(saved)
+    assert_same(opt.state_dict(), before)
+
+
+def test_a_state_saved_before_the_first_loss_loads_into_either_pulse() -> None:
+    """No loss sensed, no controller state yet: nothing to continue, so either pulse loads it."""
+    unstepped = EmoSens(small_model().parameters(), pulse="v37").state_dict()
+    EmoSens(small_model().parameters(), **DISTANCE).load_state_dict(copy.deepcopy(unstepped))
