@@ -941,7 +941,7 @@ class EmoOptimizer(Optimizer):
         """Copy compute-dtype results back into low-precision parameters and state."""
         generator = None
         for target, work in param_copies:
-            if target.dtype == torch.bfloat16 and self.stochastic_rounding is not False:
+            if target.dtype in LOW_PRECISION and self.stochastic_rounding is not False:
                 if generator is None:
                     generator = torch.Generator(device=device)
                     generator.manual_seed((meta["seed"] + int(meta["steps"])) % (2**63))

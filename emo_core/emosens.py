@@ -58,7 +58,7 @@ class EmoSens(EmoOptimizer):
             (default: True).
         process_group: group for ``sync_loss`` (default: None = WORLD).
         state_dtype: dtype of the moments; None = fp32 for bf16/fp16 params (default: None).
-        stochastic_rounding: round bf16 parameter writes stochastically; None = on for bf16
+        stochastic_rounding: round bf16 and fp16 parameter writes stochastically; None = on
             (default: None).
         foreach: None = fastest available (fused AdamW kernel on fp32 params, else
             multi-tensor), True = multi-tensor, False = per-tensor loop (default: None).

@@ -48,6 +48,49 @@ def test_copy_stochastic_is_unbiased_and_exact_on_representable_values() -> None
     assert torch.equal(out.float(), exact)
 
 
+@pytest.mark.parametrize("value", [1.0 + 2**-12, -0.3, 3e-5, 1e-8, -1e-8])
+def test_copy_stochastic_into_fp16_is_unbiased(value: float) -> None:
+    """fp16 has its own exponent (and subnormals below 6e-5): the value is one of its two
+    fp16 neighbours, and their mean is the value."""
+    gen = torch.Generator().manual_seed(0)
+    source = torch.full((400_000,), value)
+    target = copy_stochastic_(torch.empty_like(source, dtype=torch.float16), source, gen)
+    below, above = sorted(target.float().unique().tolist())
+    assert below < value < above
+    assert torch.nextafter(torch.tensor(below).half(), torch.tensor(above).half()) == above
+    spread = (above - below) / len(source) ** 0.5
+    assert abs(float(target.double().mean()) - value) < 5 * spread
+
+
+def test_copy_stochastic_into_fp16_keeps_representable_and_non_finite_values() -> None:
+    exact = torch.tensor([1.0, -2.5, 0.0, -0.0, 65504.0, float("inf"), -float("inf")])
+    out = copy_stochastic_(torch.empty(7, dtype=torch.float16), exact, torch.Generator())
+    assert torch.equal(out.float(), exact)
+    assert torch.signbit(out[3])
+    nan = copy_stochastic_(
+        torch.empty(1, dtype=torch.float16), torch.tensor([float("nan")]), torch.Generator()
+    )
+    assert nan.isnan().all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp16_params_learn_from_steps_below_their_spacing(name: str) -> None:
+    """fp16 writes are rounded stochastically too: pulse="distance" starts at 1e-6, far
+    below fp16's spacing near 1 (2**-10); round-to-nearest threw every step away, so the
+    parameters never left their start and the controller never saw progress."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(32, 16, generator=gen)
+    w = torch.ones(32, 16, dtype=torch.float16, requires_grad=True)
+    opt = OPTIMIZERS[name]([w], pulse="distance")
+    for _ in range(150):
+        loss = ((w.float() - target) ** 2).mean()
+        w.grad = None
+        loss.backward()
+        opt.step(loss=loss.detach())
+    assert opt.get_effective_lr()[0] > 1e3 * 1e-6
+    assert ((w.float() - target) ** 2).mean() < 0.5 * ((1.0 - target) ** 2).mean()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_params_keep_fp32_state_also_after_load(name: str) -> None:
     p = torch.randn(8, 4, dtype=torch.bfloat16, requires_grad=True)
