@@ -388,9 +388,14 @@ def brake(sensor: dict[str, Tensor]) -> Tensor:
     (the LR drops ~10x on that step); the brake fades as the short EMA forgets the spike (a few
     steps). A falling loss is never braked.
     """
-    es, em = sensor["ema_short"], sensor["ema_medium"]
-    fast = torch.tanh((em - es) / torch.clamp(em.abs(), min=1e-5))
-    return torch.clamp(1.0 + torch.minimum(sensor["scalar"], fast), min=BRAKE_FLOOR, max=1.0)
+    es, em, el = sensor["ema_short"], sensor["ema_medium"], sensor["ema_long"]
+    # σ as the sensor computes it (SPEC §2.3), but relative to the loss's own size down to
+    # the dtype's smallest normal, not to SPEC's absolute 1e-5 floor: the same for losses
+    # above 1e-5, and the trajectory stays unchanged when a small loss is scaled
+    tiny = torch.finfo(el.dtype).tiny
+    slow = torch.tanh((el - es) / torch.clamp(el.abs(), min=tiny))
+    fast = torch.tanh((em - es) / torch.clamp(em.abs(), min=tiny))
+    return torch.clamp(1.0 + torch.minimum(slow, fast), min=BRAKE_FLOOR, max=1.0)
 
 
 def outlier_brake(state: dict[str, Tensor], loss: Tensor) -> Tensor:

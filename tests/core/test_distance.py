@@ -33,7 +33,7 @@ from tests.core.cases import (
 from tests.core.test_no_sync import count_host_reads
 
 DISTANCE = {"pulse": "distance"}
-SENSOR = {"ema_short": 1.0, "ema_medium": 1.0, "scalar": 0.0}  # a flat loss: no brake
+SENSOR = {"ema_short": 1.0, "ema_medium": 1.0, "ema_long": 1.0}  # a flat loss: no brake
 
 
 def _regression(target: float, seed: int = 0, steps: int = 150, name: str = "emosens", **kw):
@@ -116,6 +116,33 @@ def test_multiplying_the_loss_by_a_constant_keeps_the_trajectory(scale: float) -
     scaled_lrs, scaled_w = run(scale)
     assert scaled_lrs == pytest.approx(lrs, rel=1e-4)
     torch.testing.assert_close(scaled_w, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_a_small_loss_scaled_by_a_power_of_two_keeps_the_trajectory_bitwise(average: bool) -> None:
+    """EmoCats has no eps, so a loss scaled by 2**-27 (gradients exactly scaled, losses ~1e-9)
+    must give the same run bit for bit. The brake compared the loss's EMAs against an absolute
+    1e-5 floor (SPEC's, for σ), which changed the LR once the loss was smaller than that."""
+
+    def run(factor: float) -> tuple[list[float], torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.zeros(8, 4, requires_grad=True)
+        true_w = torch.randn(8, 4, generator=gen)
+        opt = EmoCats([w], average=average, **DISTANCE)
+        lrs = []
+        for _ in range(80):
+            x = torch.randn(32, 4, generator=gen)
+            loss = factor * ((x @ w.T - x @ true_w.T) ** 2).mean()
+            w.grad = None
+            loss.backward()
+            opt.step(loss=loss.detach())
+            lrs.append(opt.get_effective_lr()[0])
+        return lrs, w.detach()
+
+    lrs, w = run(1e-3)  # losses around 1e-3: above the old floor
+    scaled_lrs, scaled_w = run(1e-3 * 2.0**-27)
+    assert scaled_lrs == lrs
+    assert torch.equal(scaled_w, w)
 
 
 @pytest.mark.parametrize("name", NAMES)
