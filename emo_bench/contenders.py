@@ -89,10 +89,12 @@ class Contender:
         else:
             opt.step()
 
-    def _switches(self, opt: torch.optim.Optimizer) -> bool:
-        # (Emo optimizers switch only with average=True; otherwise train()/eval() do nothing.)
-        families = ("schedulefree", "prodigy-sf", "emo")
-        return self.family in families and callable(getattr(opt, "train", None))
+    @staticmethod
+    def _switches(opt: torch.optim.Optimizer) -> bool:
+        # Any optimizer with train()/eval() (Schedule-Free's, Prodigy + Schedule-Free's, Emo's:
+        # they switch only with average=True), whatever its family: a bare factory given to
+        # compare() is evaluated at the average too, not at the training point.
+        return callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))
 
     def train_mode(self, opt: torch.optim.Optimizer) -> None:
         """Before training steps (Schedule-Free evaluates at a different point than it trains)."""

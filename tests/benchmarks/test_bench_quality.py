@@ -10,7 +10,7 @@ import torch
 from emo_bench.contenders import Contender, adamw, emo_contenders, quality_contenders
 from emo_bench.quality import run_one, run_quality
 from emo_bench.workloads import WORKLOADS, finetune, get_workloads, lora
-from emo_core import EmoSens
+from emo_core import EmoSens, EmoSensScheduleFree
 
 CPU = torch.device("cpu")
 CONTENDERS = quality_contenders()
@@ -223,3 +223,14 @@ def test_jobs_refuses_a_factory_it_cannot_send_to_workers() -> None:
 def test_unknown_workload_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="Invalid --workloads: nope .*digits"):
         get_workloads(["nope"])
+
+
+def test_a_bare_factory_of_an_averaged_optimizer_is_evaluated_at_the_average() -> None:
+    """``run_one``/``compare`` with ``lambda ps: EmoSensScheduleFree(ps)`` measures the
+    average ``x``, as the bench's own row does (a bare factory was evaluated at the training
+    point ``y``: on the quadratic 0.033 instead of 0.003)."""
+    quadratic = WORKLOADS["quadratic"]
+    row = next(c for c in CONTENDERS if c.name == "EmoSensScheduleFree")
+    bare = run_one(quadratic, lambda ps: EmoSensScheduleFree(ps, lr=1.0), seed=0, steps=300)
+    registered = run_one(quadratic, row, seed=0, steps=300)
+    assert bare.metric == registered.metric
