@@ -148,7 +148,10 @@ class EmoSens(EmoOptimizer):
         fusable = (
             params[0].dtype == compute_dtype == torch.float32
             and params[0].device.type in _FUSED_DEVICES
-            and all(state[key].dtype == torch.float32 for state in states for key in keys)
+            and all(
+                [state[key].dtype for state in states].count(torch.float32) == len(states)
+                for key in keys
+            )
             # The averaged kernel writes g into g (its first-moment buffer): not into a
             # gradient that is itself differentiable (backward with create_graph=True).
             and not (self.average and any(p.grad.requires_grad for p in params))
@@ -185,6 +188,9 @@ def _check_moment_shapes(
 ) -> None:
     """State whose shape differs from its parameter's (edited in place) would make the fused
     kernel write past its buffers; refuse it instead."""
+    shapes = [p.shape for p in params]
+    if all([state[key].shape for state in states] == shapes for key in keys):
+        return  # (list comparisons: this runs every step on every tensor)
     for index, (p, state) in enumerate(zip(params, states)):
         for key in keys:
             if state[key].shape != p.shape:
