@@ -357,7 +357,7 @@ class EmoOptimizer(Optimizer):
         # LightningOptimizer copy this object's __dict__, so rebinding an attribute on the
         # wrapper would be invisible to the optimizer.
         self._pending: dict[str, Any] = {"sum": None, "count": 0}
-        self._flags: dict[str, bool] = {"warned_no_loss": False, "eval_mode": False}
+        self._flags: dict[str, Any] = {"warned_no_loss": False, "eval_mode": False}
         self._plan: dict[str, Any] = {"plan": None, "layout": None}
         super().__init__(params, defaults)
         # The loss sensor and the step counter: optimizer-wide, so not in ``self.state``, which
@@ -780,9 +780,29 @@ class EmoOptimizer(Optimizer):
     def _advance_average(self, valid: Tensor) -> tuple[Tensor, Tensor]:
         """This step's averaging weight ``c`` (``averaging.py``), from the pulse, and the
         count of valid steps (for the bias correction of ``v``)."""
+        self._warn_if_interpolation_changed()
         state, mix = average_weight(self.emo_state[AVERAGE_STATE_KEY], self._sensor["pulse"], valid)
         self.emo_state[AVERAGE_STATE_KEY] = state
         return mix, state["steps"]
+
+    def _warn_if_interpolation_changed(self) -> None:
+        """Warn once if a group's interpolation weight ``β`` changed between steps: the
+        parameters hold ``y = β·x + (1 − β)·z``, so a new ``β`` moves the average ``x`` that
+        ``eval()`` recovers (``OneCycleLR`` cycles ``betas[0]`` by default)."""
+        betas = [self._interpolation(group) for group in self.param_groups]
+        seen = self._flags.get("interpolation")
+        self._flags["interpolation"] = betas
+        if seen is None or seen == betas or self._flags.get("warned_interpolation"):
+            return
+        self._flags["warned_interpolation"] = True
+        which = "betas[0]" if type(self).__name__.startswith("EmoSens") else "interpolation"
+        warnings.warn(
+            f"{type(self).__name__}(average=True): {which} changed between steps "
+            f"({seen} -> {betas}). It is the interpolation weight of the average, so changing "
+            "it moves the average that eval() recovers; keep it constant (OneCycleLR: pass "
+            "cycle_momentum=False)",
+            stacklevel=4,
+        )
 
     @torch.no_grad()
     def train(self) -> None:

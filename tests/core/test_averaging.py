@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -464,3 +465,24 @@ def test_emocats_averaged_resumes_bitwise_and_keeps_m_and_z() -> None:
 def test_emocats_interpolation_is_checked() -> None:
     with pytest.raises(ValueError, match=r"Invalid interpolation"):
         EmoCats(small_model().parameters(), interpolation=1.0, **AVERAGE)
+
+
+@pytest.mark.parametrize("cycle_momentum", [True, False])
+def test_a_scheduler_that_cycles_the_interpolation_weight_is_warned_about(cycle_momentum) -> None:
+    """OneCycleLR rewrites betas[0] every step by default; under averaging that is β of
+    ``y = β·x + (1 − β)·z``, so the average eval() recovers shifts: say so, once."""
+    model = small_model()
+    opt = EmoSens(model.parameters(), **AVERAGE)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1.0, total_steps=20, cycle_momentum=cycle_momentum
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(10):
+            set_random_grads(list(model.parameters()), step)
+            opt.step(loss=1.0 / (step + 1))
+            schedule.step()
+    said = [w for w in caught if "interpolation weight" in str(w.message)]
+    assert len(said) == (1 if cycle_momentum else 0)
+    if said:
+        assert "cycle_momentum=False" in str(said[0].message)
