@@ -422,10 +422,15 @@ class EmoOptimizer(Optimizer):
         """Everything but torch's hook registries (like ``torch.optim``), so that deepcopy,
         pickle and ``torch.save(opt)`` keep every setting. An unpicklable ``writer`` or
         ``process_group`` is replaced by None (no logging; the default group) with a warning."""
-        return state_check.picklable_state(self)
+        state = state_check.picklable_state(self)
+        state["_capturing"] = capture.is_capturing(self)  # a copy captures as the original
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        capturing = state.pop("_capturing", False)
         super().__setstate__(state)
+        if capturing:
+            capture.attach_copy(self)
         self.__dict__.setdefault("_pending", {"sum": None, "count": 0})
         self.__dict__.setdefault("_flags", {"warned_no_loss": False})
         self.__dict__.setdefault("compile_update", False)

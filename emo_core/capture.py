@@ -19,7 +19,10 @@ Contract (extends SPEC §1, the sources of the loss):
   place, inert, rather than unwrapping theirs.
 - **What is captured.** Each ``backward()`` of a one-element tensor without an explicit
   gradient (a loss), called outside the autograd engine (not the inner backward of reentrant
-  activation checkpointing) and outside ``torch.compile`` tracing. The value is detached and
+  activation checkpointing). A ``torch.compile``'d function that calls ``backward()`` runs the
+  wrapper eagerly (it is excluded from tracing, a graph break there), so every call of a
+  compiled training step is sensed; copies of a capturing optimizer (deepcopy, pickle)
+  capture too, from an empty sum. The value is detached and
   stays on its device (no host sync); a loss scaled by a ``GradScaler`` is replaced by the loss
   before scaling, so a change of the loss scale never reads as a loss spike.
 - **Sum, not mean.** Each capturing optimizer adds up what it captured since its own last
@@ -61,7 +64,7 @@ from torch import Tensor
 
 from .pulse import sensor_dtype_for
 
-__all__ = ["attach", "capture_installed", "discard", "is_capturing", "release", "take"]
+__all__ = ["attach", "attach_copy", "capture_installed", "discard", "is_capturing", "release", "take"]
 
 _BUFFER_ATTR = "_captured"  # per optimizer: {"sum": Tensor | None}; shared by wrappers' copies
 _UNSCALED_ATTR = "_emo_unscaled_loss"  # set on a GradScaler's output: the loss it scaled
@@ -87,6 +90,13 @@ def attach(optimizer: Any) -> None:
         _live = (*_live, (ref, buffer))
         if not _saved:
             _install()
+
+
+def attach_copy(optimizer: Any) -> None:
+    """Capture for a copy (deepcopy, unpickling) of a capturing optimizer: a buffer of its
+    own, nothing captured yet (the original keeps what it has)."""
+    optimizer.__dict__.pop(_BUFFER_ATTR, None)
+    attach(optimizer)
 
 
 def release(optimizer: Any) -> None:
@@ -160,7 +170,12 @@ def _losses(tensors: Any, grad_tensors: Any) -> list[Tensor]:
 
 
 def _wrap_backward(original: Callable[..., Any], generation: int) -> Callable[..., Any]:
+    # Not traced by torch.compile: a compiled function that calls backward() runs this wrapper
+    # (and the backward) eagerly at every call, so its loss is captured. Traced into the graph,
+    # the wrapper ran once, at tracing time, and the compiled graph's backward never reached
+    # it: not one loss was sensed.
     @functools.wraps(original)
+    @torch.compiler.disable
     def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
         result = original(tensors, grad_tensors, *args, **kwargs)
         if (

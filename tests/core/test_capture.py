@@ -6,7 +6,9 @@ per-step losses explicitly must end with the same EMAs, scalar, trust, noise and
 
 from __future__ import annotations
 
+import copy
 import gc
+import io
 import threading
 import warnings
 import weakref
@@ -140,6 +142,52 @@ def test_accumulation_senses_the_mean_micro_batch_loss(name: str) -> None:
         opt.zero_grad()
         means.append(sum(losses) / len(losses))
     assert_sensed(opt, means)
+    opt.close()
+
+
+def test_a_compiled_training_step_is_sensed_at_every_call() -> None:
+    """torch.compile traces ``loss.backward()`` into its graph; the capture wrapper is kept
+    out of the trace, so each call of the compiled step is sensed (traced, the wrapper ran
+    once at tracing time and no loss was ever sensed)."""
+    model, batches = regression()
+    opt = EmoSens(model.parameters(), capture_loss=True)
+
+    @torch.compile(backend="eager")
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    losses = []
+    for x, y in batches[:5]:
+        opt.zero_grad()
+        losses.append(float(train_step(x, y)))
+        opt.step()
+    assert_sensed(opt, losses)
+    opt.close()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_a_capturing_optimizer_captures_for_itself(how: str) -> None:
+    """A copy keeps every setting, capture_loss included: it captures its own backward calls
+    from an empty buffer (it had reported capture_loss=True and captured nothing)."""
+    model, _ = regression()
+    opt = EmoSens(model.parameters(), capture_loss=True)
+    if how == "deepcopy":
+        twin = copy.deepcopy(opt)
+    else:
+        buffer = io.BytesIO()
+        torch.save(opt, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    assert capture.is_capturing(twin)
+    params = twin.param_groups[0]["params"]  # (the copy's own tensors)
+    twin.zero_grad()
+    loss = sum((p**2).sum() for p in params)
+    loss.backward()
+    twin.step()
+    assert_sensed(twin, [float(loss.detach())])
+    twin.close()
     opt.close()
 
 
