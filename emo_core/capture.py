@@ -64,7 +64,15 @@ from torch import Tensor
 
 from .pulse import sensor_dtype_for
 
-__all__ = ["attach", "attach_copy", "capture_installed", "discard", "is_capturing", "release", "take"]
+__all__ = [
+    "attach",
+    "attach_copy",
+    "capture_installed",
+    "discard",
+    "is_capturing",
+    "release",
+    "take",
+]
 
 _BUFFER_ATTR = "_captured"  # per optimizer: {"sum": Tensor | None}; shared by wrappers' copies
 _UNSCALED_ATTR = "_emo_unscaled_loss"  # set on a GradScaler's output: the loss it scaled
