@@ -95,25 +95,31 @@ def test_a_one_step_10x_loss_spike_cuts_the_lr_and_it_recovers() -> None:
     assert opt.telemetry()["d"] >= 0  # the sensor's own statistics are still reported
 
 
+def _scaled_fit(make, factor: float, steps: int) -> tuple[list[float], torch.Tensor]:
+    """A noisy linear fit whose loss is multiplied by ``factor``; ``make([w])`` builds the
+    optimizer. Returns the effective LR per step and the final weights."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(8, 4, requires_grad=True)
+    true_w = torch.randn(8, 4, generator=gen)
+    opt = make([w])
+    lrs = []
+    for _ in range(steps):
+        x = torch.randn(32, 4, generator=gen)
+        loss = factor * ((x @ w.T - x @ true_w.T) ** 2).mean()
+        w.grad = None
+        loss.backward()
+        opt.step(loss=loss.detach())
+        lrs.append(opt.get_effective_lr()[0])
+    return lrs, w.detach()
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
 def test_multiplying_the_loss_by_a_constant_keeps_the_trajectory(scale: float) -> None:
-    def run(factor: float) -> tuple[list[float], torch.Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        w = torch.zeros(8, 4, requires_grad=True)
-        true_w = torch.randn(8, 4, generator=gen)
-        opt = EmoSens([w], eps=1e-30, **DISTANCE)
-        lrs = []
-        for _ in range(60):
-            x = torch.randn(32, 4, generator=gen)
-            loss = factor * ((x @ w.T - x @ true_w.T) ** 2).mean()
-            w.grad = None
-            loss.backward()
-            opt.step(loss=loss.detach())
-            lrs.append(opt.get_effective_lr()[0])
-        return lrs, w.detach()
+    def make(params):
+        return EmoSens(params, eps=1e-30, **DISTANCE)
 
-    lrs, w = run(1.0)
-    scaled_lrs, scaled_w = run(scale)
+    lrs, w = _scaled_fit(make, 1.0, steps=60)
+    scaled_lrs, scaled_w = _scaled_fit(make, scale, steps=60)
     assert scaled_lrs == pytest.approx(lrs, rel=1e-4)
     torch.testing.assert_close(scaled_w, w, rtol=1e-4, atol=1e-6)
 
@@ -124,23 +130,11 @@ def test_a_small_loss_scaled_by_a_power_of_two_keeps_the_trajectory_bitwise(aver
     must give the same run bit for bit. The brake compared the loss's EMAs against an absolute
     1e-5 floor (SPEC's, for σ), which changed the LR once the loss was smaller than that."""
 
-    def run(factor: float) -> tuple[list[float], torch.Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        w = torch.zeros(8, 4, requires_grad=True)
-        true_w = torch.randn(8, 4, generator=gen)
-        opt = EmoCats([w], average=average, **DISTANCE)
-        lrs = []
-        for _ in range(80):
-            x = torch.randn(32, 4, generator=gen)
-            loss = factor * ((x @ w.T - x @ true_w.T) ** 2).mean()
-            w.grad = None
-            loss.backward()
-            opt.step(loss=loss.detach())
-            lrs.append(opt.get_effective_lr()[0])
-        return lrs, w.detach()
+    def make(params):
+        return EmoCats(params, average=average, **DISTANCE)
 
-    lrs, w = run(1e-3)  # losses around 1e-3: above the old floor
-    scaled_lrs, scaled_w = run(1e-3 * 2.0**-27)
+    lrs, w = _scaled_fit(make, 1e-3, steps=80)  # losses around 1e-3: above the old floor
+    scaled_lrs, scaled_w = _scaled_fit(make, 1e-3 * 2.0**-27, steps=80)
     assert scaled_lrs == lrs
     assert torch.equal(scaled_w, w)
 
