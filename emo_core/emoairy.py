@@ -89,7 +89,7 @@ class EmoAiry(EmoOptimizer):
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if p.dim() >= 2:
             state["row_var"] = p.new_zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dtype)
-            state["col_var"] = p.new_zeros((1,) + tuple(p.shape[1:]), dtype=dtype)
+            state["col_var"] = _column_statistic(p, dtype)
         else:
             state["exp_avg_sq"] = torch.zeros_like(
                 p, dtype=dtype, memory_format=torch.preserve_format
@@ -104,6 +104,31 @@ class EmoAiry(EmoOptimizer):
             clip_threshold=group["clip_threshold"],
             weight_decay=group["weight_decay"],
         )
+
+
+def _column_statistic(p: Tensor, dtype: torch.dtype) -> Tensor:
+    """Zeros of shape ``(1, *p.shape[1:])``. For a DTensor (FSDP2) replicated on its mesh,
+    as the column mean of a row-sharded gradient is: ``new_zeros`` keeps ``p``'s row
+    sharding when ``p`` has one row, and the update's in-place add then fails on every rank
+    (a ``Linear(d, 1)`` head under FSDP2)."""
+    shape = (1,) + tuple(p.shape[1:])
+    mesh = getattr(p, "device_mesh", None)
+    if mesh is None:
+        return p.new_zeros(shape, dtype=dtype)
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import zeros as mesh_zeros
+
+    return mesh_zeros(shape, dtype=dtype, device_mesh=mesh, placements=[Replicate()] * mesh.ndim)
+
+
+def _placed_like(update: Tensor, p: Tensor) -> Tensor:
+    """``update`` with ``p``'s placements (FSDP2): on a parameter with fewer rows than ranks
+    the factored ``v̂`` can come out replicated, and an in-place step of a row-sharded
+    parameter by a replicated update fails. Plain tensors are returned as they are."""
+    placements = getattr(p, "placements", None)
+    if placements is None or update.placements == placements:
+        return update
+    return update.redistribute(p.device_mesh, placements)
 
 
 def emoairy(
@@ -158,7 +183,7 @@ def _single_tensor_emoairy(
         rms = update.square().mean().sqrt()
         update.div_(torch.clamp(rms / clip, min=1.0))
         p.mul_(shrink)
-        p.sub_(update * lr)
+        p.sub_(_placed_like(update * lr, p))
 
 
 def _fusable_statistics(bucket: Bucket, *, beta2: float) -> list[tuple[Tensor, Tensor | None]]:
@@ -305,7 +330,7 @@ def _foreach_emoairy(
     torch._foreach_mul_(scales, lr)
     torch._foreach_mul_(updates, scales)
     torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
-    torch._foreach_sub_(bucket.params, updates)
+    torch._foreach_sub_(bucket.params, [_placed_like(u, p) for u, p in zip(updates, bucket.params)])
 
 
 def _col_dims(t: Tensor) -> tuple[int, ...]:

@@ -116,6 +116,36 @@ def compare_with_ddp(name: str, mesh: DeviceMesh) -> dict[str, Any]:
     }
 
 
+def empty_shard(name: str, mesh: DeviceMesh) -> dict[str, Any]:
+    """A one-row head (``Linear(6, 1)``: rank 1's shard of its weight is empty) trained
+    sharded and replicated (EmoAiry's column statistic kept the row sharding there and
+    every rank failed in the update)."""
+    cls = OPTIMIZERS[name]
+
+    def head() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 1))
+
+    sharded, replica = shard(head(), mesh), head()
+    opt, ref = cls(sharded.parameters()), cls(replica.parameters())
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+        x, y = torch.randn(4, 8, generator=gen), torch.randn(4, 1, generator=gen)
+        for model, optimizer in ((sharded, opt), (DistributedDataParallel(replica), ref)):
+            loss = ((model(x) - y) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step(loss=loss)
+    params, ref_params = list(sharded.parameters()), list(replica.parameters())
+    rows: list[Any] = [None] * dist.get_world_size()  # every rank's local rows
+    dist.all_gather_object(rows, [p.to_local().shape[0] for p in params])
+    return {
+        "local_rows": rows,
+        "param_diff": max_diff(params, ref_params),
+        "moved": max_diff(params, list(head().parameters())),
+    }
+
+
 def nonfinite_shard(name: str, mesh: DeviceMesh) -> dict[str, Any]:
     """A nan in one rank's gradient shard: every rank skips the step and changes nothing."""
     model = shard(make_model(), mesh)
@@ -228,6 +258,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[name] = {
                 "compare": compare_with_ddp(name, mesh),
                 "nonfinite": nonfinite_shard(name, mesh),
+                "empty_shard": empty_shard(name, mesh),
                 "dcp": dcp_resume(name, mesh, os.path.join(out_dir, f"{name}-plain")),
                 "dcp_helpers": dcp_helpers(name, mesh, os.path.join(out_dir, f"{name}-helpers")),
                 "bf16": bf16(name, mesh),
