@@ -562,6 +562,7 @@ class EmoOptimizer(Optimizer):
 
         meta = self.emo_state[META_STATE_KEY]
         meta["steps"] += 1
+        self._rounding_streams = 0  # stochastic rounding: one noise stream per bucket
         # (no gradient at all: nothing steps, so no averaging weight is spent)
         average = self._advance_average(valid) if self.average and has_grads else None
         for group, params in zip(self.param_groups, work):
@@ -967,12 +968,25 @@ class EmoOptimizer(Optimizer):
             if target.dtype in LOW_PRECISION and self.stochastic_rounding is not False:
                 if generator is None:
                     generator = torch.Generator(device=device)
-                    generator.manual_seed((meta["seed"] + int(meta["steps"])) % (2**63))
+                    generator.manual_seed(self._rounding_seed(meta, target))
                 copy_stochastic_(target, work, generator)
             else:
                 target.copy_(work)
         for target, work in state_copies:
             target.copy_(work)
+
+    def _rounding_seed(self, meta: dict[str, Any], target: Tensor) -> int:
+        """The stochastic-rounding seed of this step's next bucket: the saved seed and the
+        step (so a resumed run rounds alike, and DDP replicas too), a stream per bucket (two
+        param groups of equal shapes drew the same noise), and the rank for a sharded
+        (FSDP2) parameter (every shard drew the same noise as the others)."""
+        stream = getattr(self, "_rounding_streams", 0)
+        self._rounding_streams = stream + 1
+        rank = 0
+        if getattr(target, "device_mesh", None) is not None:
+            rank = target.device_mesh.get_rank()
+        mixed = meta["seed"] + int(meta["steps"]) + _STREAM_STRIDE * stream + _RANK_STRIDE * rank
+        return mixed % (2**63)
 
     # ------------------------------------------------------------ subclass hooks
     def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
@@ -1088,6 +1102,10 @@ def _hooks_held(opt: Optimizer, *names: str) -> Iterator[dict[Any, Callable[...,
     finally:
         for name, hooks in held.items():
             setattr(opt, name, hooks)
+
+
+_STREAM_STRIDE = 0x9E3779B97F4A7C15  # (odd, far apart: seeds of nearby steps stay distinct)
+_RANK_STRIDE = 0xC2B2AE3D27D4EB4F
 
 
 def _overflow_norm(dtype: torch.dtype) -> float:

@@ -91,6 +91,24 @@ def test_fp16_params_learn_from_steps_below_their_spacing(name: str) -> None:
     assert ((w.float() - target) ** 2).mean() < 0.5 * ((1.0 - target) ** 2).mean()
 
 
+def test_each_bucket_rounds_with_its_own_noise() -> None:
+    """Two param groups of equal bf16 tensors and gradients draw different rounding noise
+    (each bucket reseeded the generator with the same seed, so they rounded alike), while a
+    one-group run keeps the seed it had (so bf16 trajectories of one group do not change)."""
+    a = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+    opt = OPTIMIZERS["emosens"]([{"params": [a]}, {"params": [b]}], **FIXED_LR)
+    single = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+    alone = OPTIMIZERS["emosens"]([single], **FIXED_LR)
+    for _ in range(3):
+        for p in (a, b, single):
+            p.grad = torch.full_like(p, 0.3)
+        opt.step(loss=1.0)
+        alone.step(loss=1.0)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, single)  # the first bucket's stream is the seed it always had
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_params_keep_fp32_state_also_after_load(name: str) -> None:
     p = torch.randn(8, 4, dtype=torch.bfloat16, requires_grad=True)
