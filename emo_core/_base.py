@@ -801,7 +801,7 @@ class EmoOptimizer(Optimizer):
         if seen is None or seen == betas or self._flags.get("warned_interpolation"):
             return
         self._flags["warned_interpolation"] = True
-        which = "betas[0]" if type(self).__name__.startswith("EmoSens") else "interpolation"
+        which = "interpolation" if "interpolation" in self.param_groups[0] else "betas[0]"
         warnings.warn(
             f"{type(self).__name__}(average=True): {which} changed between steps "
             f"({seen} -> {betas}). It is the interpolation weight of the average, so changing "

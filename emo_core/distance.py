@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .distributed import local_shard
+from .pulse import emotion
 from .settle import init_settle_state, settle_update
 
 __all__ = [
@@ -393,8 +394,7 @@ def brake(sensor: dict[str, Tensor]) -> Tensor:
     # the dtype's smallest normal, not to SPEC's absolute 1e-5 floor: the same for losses
     # above 1e-5, and the trajectory stays unchanged when a small loss is scaled
     tiny = torch.finfo(el.dtype).tiny
-    slow = torch.tanh((el - es) / torch.clamp(el.abs(), min=tiny))
-    fast = torch.tanh((em - es) / torch.clamp(em.abs(), min=tiny))
+    slow, fast = emotion(el, es, floor=tiny), emotion(em, es, floor=tiny)
     return torch.clamp(1.0 + torch.minimum(slow, fast), min=BRAKE_FLOOR, max=1.0)
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "HIST_LEN",
     "STOP_MIN_STEPS",
     "init_sensor_state",
+    "emotion",
     "pulse_update",
     "sensor_dtype_for",
     "trust_from_scalar",
@@ -57,6 +58,13 @@ def init_sensor_state(device: torch.device, max_lr: float) -> dict[str, Tensor]:
     }
 
 
+def emotion(reference: Tensor, short: Tensor, floor: float) -> Tensor:
+    """``tanh((reference − short) / max(|reference|, floor))``: how far the short EMA sits
+    below a slower one, relative to its size (SPEC §2.3's σ with ``floor = 1e-5``; the
+    distance controller's brake uses the dtype's smallest normal)."""
+    return torch.tanh((reference - short) / torch.clamp(reference.abs(), min=floor))
+
+
 def trust_from_scalar(sigma: Tensor) -> Tensor:
     """Trust ``τ = sign(σ)·(1 − |σ|)`` with sign(0) = +1 (SPEC §2.4)."""
     magnitude = 1.0 - sigma.abs()
@@ -95,7 +103,7 @@ def pulse_update(
     el = 0.01 * loss + 0.99 * el
 
     # 3-4: emotion scalar (relative to |ema_long|, sign-correct for negative losses), trust.
-    sigma = torch.tanh((el - es) / torch.clamp(el.abs(), min=1e-5))
+    sigma = emotion(el, es, floor=1e-5)
     trust = trust_from_scalar(sigma)
 
     # 5-7: how much the loss moves vs. how much it can be trusted -> emoPulse.
