@@ -606,15 +606,10 @@ class EmoOptimizer(Optimizer):
         element-wise finite check would let ``g = 1e37`` through, whose ``g²`` is inf in
         fp32). Half-precision gradients are normed in fp32, their compute dtype.
         """
-        all_grads = [p.grad for params in work for _, p in params]
-        by_device = _one_kind(all_grads, plain=True)
-        if by_device is None:
-            by_device = {}
-            # FSDP2: check this rank's shard; the flag is folded into the loss, whose
-            # cross-rank mean (sync_loss) makes every rank skip together. Complex
-            # gradients: the 2-norm of a complex tensor is that of its pairs of reals.
-            for g in map(local_shard, all_grads):
-                by_device.setdefault((g.device, g.dtype), []).append(g)
+        # FSDP2: check this rank's shard; the flag is folded into the loss, whose cross-rank
+        # mean (sync_loss) makes every rank skip together. Complex gradients: the 2-norm of
+        # a complex tensor is that of its pairs of reals.
+        by_device = _by_kind([p.grad for params in work for _, p in params], shards=True)
         if not by_device:
             return None
         finite = []
@@ -853,12 +848,7 @@ class EmoOptimizer(Optimizer):
         meta: dict[str, Any],
         average: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        buckets = _one_kind([p for _, p in params])
-        if buckets is None:
-            buckets = {}
-            for _, p in params:
-                buckets.setdefault((p.device, p.dtype), []).append(p)
-        for (device, dtype), originals in buckets.items():
+        for (device, dtype), originals in _by_kind([p for _, p in params]).items():
             # Complex parameters are updated as pairs of reals (a dict, as torch.compile cannot
             # trace dtype.to_real()).
             dtype = _REAL_DTYPE.get(dtype, dtype)
@@ -1118,25 +1108,26 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _one_kind(
-    tensors: list[Tensor], plain: bool = False
-) -> dict[tuple[torch.device, torch.dtype], list[Tensor]] | None:
-    """``{(device, dtype): tensors}`` when every tensor has the first one's device and dtype
-    (and, with ``plain``, is a plain ``Tensor``: not a DTensor, whose local shard is what
-    counts), the common case; else None, and the caller groups them one by one. A few list
-    passes instead of a dict lookup per tensor: on a layout of hundreds of small tensors the
-    step's per-tensor Python is a large part of its cost."""
-    if not tensors:
-        return None
-    first = tensors[0]
-    dtype, device, n = first.dtype, first.device, len(tensors)
-    if (
-        (not plain or [type(t) for t in tensors].count(Tensor) == n)
-        and [t.dtype for t in tensors].count(dtype) == n
-        and [t.device for t in tensors].count(device) == n
-    ):
-        return {(device, dtype): tensors}
-    return None
+def _by_kind(
+    tensors: list[Tensor], shards: bool = False
+) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    """``tensors`` grouped by ``(device, dtype)``, in order; with ``shards``, each DTensor's
+    local shard in its place (FSDP2: what this rank holds). The common case, one kind of
+    plain tensor, takes a few list passes instead of a dict lookup per tensor: on a layout of
+    hundreds of small tensors the step's per-tensor Python is a large part of its cost."""
+    if tensors:
+        first = tensors[0]
+        dtype, device, n = first.dtype, first.device, len(tensors)
+        if (
+            (not shards or [type(t) for t in tensors].count(Tensor) == n)
+            and [t.dtype for t in tensors].count(dtype) == n
+            and [t.device for t in tensors].count(device) == n
+        ):
+            return {(device, dtype): tensors}
+    grouped: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in map(local_shard, tensors) if shards else tensors:
+        grouped.setdefault((t.device, t.dtype), []).append(t)
+    return grouped
 
 
 def _as_compute(
