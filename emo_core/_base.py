@@ -859,6 +859,8 @@ class EmoOptimizer(Optimizer):
             for p, state in zip(originals, per_param):
                 if not state:
                     self._init_full_state(p, group, dtype)
+            grads = [p.grad for p in originals]
+            aligned = self._aligned(originals, grads, per_param, dtype is not originals[0].dtype)
             state_copies: list[tuple[Tensor, Tensor]] = []
             keys = dict.fromkeys(k for state in per_param for k in state if k != "shadow")
             states = {key: [state.get(key) for state in per_param] for key in keys}
@@ -869,7 +871,7 @@ class EmoOptimizer(Optimizer):
                     states[key] = [_as_compute(v, compute_dtype, state_copies) for v in values]
             param_copies: list[tuple[Tensor, Tensor]] = []
             if originals[0].dtype == compute_dtype:  # real, and no copies (the common case)
-                work_params, work_grads = originals, [p.grad for p in originals]
+                work_params, work_grads = originals, grads
             else:
                 work_params = [_as_compute(p, compute_dtype, param_copies) for p in originals]
                 work_grads = [_as_compute(p.grad, compute_dtype, None) for p in originals]
@@ -890,7 +892,7 @@ class EmoOptimizer(Optimizer):
                 lr=lr,
                 valid=valid.to(device),
                 group=group,
-                impl=self._pick_impl(originals, per_param, compute_dtype),
+                impl=self._pick_impl(originals, per_param, compute_dtype, aligned=aligned),
                 mix=mix,
                 average_steps=average_steps,
             )
@@ -910,14 +912,55 @@ class EmoOptimizer(Optimizer):
         if group["use_shadow"]:
             self.state[p]["shadow"] = real.detach().to(state_dtype, copy=True)
 
+    def _layout_keys(self) -> tuple[str, ...]:
+        """The state keys, shaped like their parameter, that a kernel of the subclass pairs
+        with the parameter by memory position (torch's fused kernel, the blocked CPU
+        kernels): the step keeps them in their parameter's layout (:func:`_follow_layout`)."""
+        return ()
+
+    def _aligned(
+        self, params: list[Tensor], grads: list[Tensor], per_param: list[dict[str, Any]], real: bool
+    ) -> bool:
+        """Whether each gradient and :meth:`_layout_keys` state of a bucket has its
+        parameter's strides, after :func:`_follow_layout` (``real``: complex parameters,
+        whose state is of their real view).
+
+        The common case costs two contiguity passes: the flag ``contiguous_state`` records
+        that every parameter and state was contiguous when last scanned; state then stays
+        so (fresh state copies a contiguous parameter's layout; a load clears the flag), and
+        a parameter or gradient whose layout changed is seen by the passes."""
+        keys = self._layout_keys()
+        if not keys:
+            return False
+        contiguous = Tensor.is_contiguous
+        if (
+            self._flags.get("contiguous_state", False)
+            and all(map(contiguous, params))
+            and all(map(contiguous, grads))
+        ):
+            return True
+        if real:
+            params, grads = list(map(_real, params)), list(map(_real, grads))
+        aligned = _follow_layout(params, grads, per_param, keys)
+        self._flags["contiguous_state"] = all(map(contiguous, self.state)) and all(
+            contiguous(state[key]) for state in self.state.values() for key in keys if key in state
+        )
+        return aligned
+
     def _interpolation(self, group: dict[str, Any]) -> float:
         """``β`` of ``y = β·x + (1 − β)·z`` under ``average=True`` (``averaging.md``)."""
         return group["betas"][0]
 
     def _pick_impl(
-        self, params: list[Tensor], states: list[dict[str, Any]], compute_dtype: torch.dtype
+        self,
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        compute_dtype: torch.dtype,
+        *,
+        aligned: bool,
     ) -> str:
-        """The kernel for one bucket: its params, their state dicts and the compute dtype."""
+        """The kernel for one bucket: its params, their state dicts, the compute dtype, and
+        whether every gradient and :meth:`_layout_keys` state has its parameter's strides."""
         # Inside a torch.compile'd step the plain loop is traced into the caller's graph.
         if self.compile_update:
             return "single" if torch.compiler.is_compiling() else "compiled"
@@ -1075,6 +1118,7 @@ class EmoOptimizer(Optimizer):
         # the sample plan (and its cached views) is rebuilt at the next step
         self._plan.update(plan=None, layout=None, views=None)
         self._flags["warned_no_loss"] = False
+        self._flags["contiguous_state"] = False  # loaded state may have another layout
         self._refresh_effective_lr()
         for hook in post_hooks.values():
             hook(self)
@@ -1128,6 +1172,35 @@ def _by_kind(
     for t in map(local_shard, tensors) if shards else tensors:
         grouped.setdefault((t.device, t.dtype), []).append(t)
     return grouped
+
+
+def _follow_layout(
+    params: list[Tensor],
+    grads: list[Tensor],
+    per_param: list[dict[str, Any]],
+    keys: tuple[str, ...],
+) -> bool:
+    """Whether every gradient and state of ``keys`` has its parameter's strides; first, state
+    of ``keys`` takes the memory layout its parameter's ``empty_like`` has (the
+    parameter's own strides for a dense one, as the state was created).
+
+    State loaded from a checkpoint of another layout, or kept while its parameter changed
+    layout (``module.to(memory_format=torch.channels_last)``), is copied into it once: the
+    fused and blocked kernels pair elements by memory position and would mix them up (or
+    fail to view the state)."""
+    layout = [p.stride() for p in params]
+    aligned = [g.stride() for g in grads] == layout
+    for key in keys:
+        if [state[key].stride() for state in per_param] == layout:
+            continue  # (list comparisons: this runs every step on every tensor)
+        for p, state in zip(params, per_param):
+            value = state[key]
+            if value.stride() != p.stride() and value.shape == p.shape:
+                target = torch.empty_like(p, dtype=value.dtype)
+                if target.stride() != value.stride():
+                    state[key] = value = target.copy_(value)
+            aligned = aligned and value.stride() == p.stride()
+    return aligned
 
 
 def _as_compute(

@@ -108,6 +108,9 @@ class EmoCats(EmoOptimizer):
         if self.average:  # z starts at the parameter (and the average with it)
             state["z"] = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
 
+    def _layout_keys(self) -> tuple[str, ...]:
+        return ("exp_avg", "z") if self.average else ("exp_avg",)
+
     def _update(self, bucket: Bucket) -> None:
         beta1, beta2 = bucket.group["betas"]
         options = {"beta1": beta1, "beta2": beta2, "weight_decay": bucket.group["weight_decay"]}

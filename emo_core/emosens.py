@@ -139,12 +139,20 @@ class EmoSens(EmoOptimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
+    def _layout_keys(self) -> tuple[str, ...]:
+        return ("z" if self.average else "exp_avg", "exp_avg_sq")
+
     def _pick_impl(
-        self, params: list[Tensor], states: list[dict[str, Any]], compute_dtype: torch.dtype
+        self,
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        compute_dtype: torch.dtype,
+        *,
+        aligned: bool,
     ) -> str:
         # A bucket shares one device and dtype; only the state's dtype can vary per tensor
         # (e.g. loaded from a checkpoint saved with another state_dtype).
-        keys = ("z" if self.average else "exp_avg", "exp_avg_sq")
+        keys = self._layout_keys()
         fusable = (
             params[0].dtype == compute_dtype == torch.float32
             and params[0].device.type in _FUSED_DEVICES
@@ -155,6 +163,10 @@ class EmoSens(EmoOptimizer):
             # The averaged kernel writes g into g (its first-moment buffer): not into a
             # gradient that is itself differentiable (backward with create_graph=True).
             and not (self.average and any(p.grad.requires_grad for p in params))
+            # The kernel pairs elements by memory position: each gradient and state (kept in
+            # its parameter's layout by the step) must share the parameter's strides; a
+            # gradient assigned in another layout, or a parameter with gaps, goes multi-tensor.
+            and aligned
         )
         if fusable:
             _check_moment_shapes(params, states, keys)  # the fused kernel does not check them
@@ -162,14 +174,15 @@ class EmoSens(EmoOptimizer):
             if not fusable:
                 raise RuntimeError(
                     "EmoSens(fused=True) needs real fp32 parameters and state on a device with "
-                    "torch's fused AdamW kernel; use fused=None to fall back automatically"
+                    "torch's fused AdamW kernel, and gradients in their parameter's memory "
+                    "layout (strides); use fused=None to fall back automatically"
                 )
             return "fused"
         # Under torch.compile the multi-tensor path is traced (and fused by the compiler):
         # _fused_adamw_ with a tensor lr has no fake-tensor kernel to trace.
         if self.fused is None and self.foreach is None and not self.compile_update and fusable:
             return "foreach" if torch.compiler.is_compiling() else "fused"
-        return super()._pick_impl(params, states, compute_dtype)
+        return super()._pick_impl(params, states, compute_dtype, aligned=aligned)
 
     def _update(self, bucket: Bucket) -> None:
         beta1, beta2 = bucket.group["betas"]

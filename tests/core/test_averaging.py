@@ -409,7 +409,10 @@ def test_a_differentiable_gradient_is_not_used_as_a_buffer() -> None:
         EmoSens(params, fused=True, **AVERAGE).step(loss=loss.detach())
     auto = EmoSens(params, **AVERAGE)
     auto.step(loss=loss.detach())
-    assert auto._pick_impl(params, [auto.state[p] for p in params], torch.float32) == "foreach"
+    assert (
+        auto._pick_impl(params, [auto.state[p] for p in params], torch.float32, aligned=True)
+        == "foreach"
+    )
 
 
 def test_emocats_averaged_is_schedule_free_lion_at_the_pulse() -> None:
