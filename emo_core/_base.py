@@ -409,8 +409,14 @@ class EmoOptimizer(Optimizer):
         warn_if_small_lr(self, candidate["lr"])
         param_group = {**param_group, **candidate}
         super().add_param_group(param_group)
-        if "emo_state" in self.__dict__:  # (not during __init__): the new group's emo_lr
-            self._refresh_effective_lr()
+        if "emo_state" not in self.__dict__:  # (during __init__)
+            return
+        if DISTANCE_STATE_KEY in self.emo_state:
+            # The controller's per-group state gets the new group now (its scale starts at
+            # D0; the sample restarts), as the next step would: a state_dict saved before
+            # that step then loads into an optimizer built with all its groups.
+            self._distance_plan()
+        self._refresh_effective_lr()  # the new group's emo_lr
 
     def _sensor_device(self) -> torch.device:
         for group in self.param_groups:

@@ -511,6 +511,41 @@ def test_resume_after_unfreezing_is_bitwise_exact(name: str) -> None:
     assert_same(fresh.emo_state["emo_distance"], opt.emo_state["emo_distance"])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_checkpoint_saved_right_after_add_param_group_resumes_bitwise(name: str) -> None:
+    """A layer unfrozen as a new group and checkpointed before the next step: the state
+    carried one group's scale, so it loaded into no optimizer, not even its own ("emo_distance
+    ['d'] has shape (1,) but expected (2,)")."""
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(4, 3), torch.nn.Linear(3, 1)
+    opt = OPTIMIZERS[name](body.parameters(), **DISTANCE)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(5):
+        for p in body.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step(loss=1.0 / (step + 1))
+    opt.add_param_group({"params": list(head.parameters())})
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    fresh_body, fresh_head = copy.deepcopy(body), copy.deepcopy(head)
+    groups = [{"params": list(fresh_body.parameters())}, {"params": list(fresh_head.parameters())}]
+    fresh = OPTIMIZERS[name](groups, **DISTANCE)
+    fresh.load_state_dict(saved)
+    opt.load_state_dict(copy.deepcopy(saved))  # and into the optimizer that saved it
+    for modules, optimizer in (((body, head), opt), ((fresh_body, fresh_head), fresh)):
+        gen = torch.Generator().manual_seed(9)
+        for step in range(6):
+            for module in modules:
+                for p in module.parameters():
+                    p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step(loss=0.5 / (step + 1))
+    assert_same(fresh_body.state_dict(), body.state_dict())
+    assert_same(fresh_head.state_dict(), head.state_dict())
+    assert_same(fresh.emo_state["emo_distance"], opt.emo_state["emo_distance"])
+
+
 AVERAGED = {**DISTANCE, "average": True}
 
 
