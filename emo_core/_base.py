@@ -1187,8 +1187,7 @@ def _follow_layout(
     keys: tuple[str, ...],
 ) -> bool:
     """Whether every gradient and state of ``keys`` has its parameter's strides; first, state
-    of ``keys`` takes the memory layout its parameter's ``empty_like`` has (the
-    parameter's own strides for a dense one, as the state was created).
+    of ``keys`` of a dense parameter takes the parameter's strides (as it was created).
 
     State loaded from a checkpoint of another layout, or kept while its parameter changed
     layout (``module.to(memory_format=torch.channels_last)``), is copied into it once: the
@@ -1201,12 +1200,24 @@ def _follow_layout(
             continue  # (list comparisons: this runs every step on every tensor)
         for p, state in zip(params, per_param):
             value = state[key]
-            if value.stride() != p.stride() and value.shape == p.shape:
-                target = torch.empty_like(p, dtype=value.dtype)
-                if target.stride() != value.stride():
-                    state[key] = value = target.copy_(value)
+            if value.stride() != p.stride() and value.shape == p.shape and _dense(p):
+                state[key] = value = torch.empty_like(p, dtype=value.dtype).copy_(value)
             aligned = aligned and value.stride() == p.stride()
     return aligned
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps (in any dimension order):
+    then ``empty_like(t)`` has ``t``'s strides. (A parameter with gaps keeps compact state,
+    as it was created, and takes the multi-tensor kernels.)"""
+    expected = 1
+    for stride, size in sorted(zip(t.stride(), t.shape)):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _as_compute(

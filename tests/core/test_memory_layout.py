@@ -140,3 +140,30 @@ def test_fused_true_names_the_layout_when_a_gradient_does_not_match() -> None:
     p.grad = torch.randn(3, 5)
     with pytest.raises(RuntimeError, match=r"fused=True.*memory layout"):
         EmoSens([p], fused=True).step(loss=1.0)
+
+
+@pytest.mark.parametrize(("optimizer", "options"), CONFIGS)
+def test_a_parameter_with_gaps_in_memory_trains_and_keeps_its_state_tensors(
+    optimizer: type, options: dict[str, Any]
+) -> None:
+    """``Parameter(big[:, ::2])``: its state is compact (no layout to copy it into), so the
+    step takes the logical kernels and leaves the state tensors in place, step after step."""
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+
+    def update(extra: dict[str, Any]) -> tuple[torch.Tensor, list[set[int]]]:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64, 128)[:, ::2])
+        start = p.detach().clone()
+        opt = optimizer([p], **options, **extra)
+        seen = []
+        for _ in range(3):
+            loss = (x @ p).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss)
+            seen.append({id(v) for v in opt.state[p].values() if isinstance(v, torch.Tensor)})
+        return p.detach() - start, seen
+
+    (got, seen), (reference, _) = update({}), update({"foreach": False})
+    assert _relative(got, reference) < TOLERANCE
+    assert seen[1] == seen[2]
