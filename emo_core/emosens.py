@@ -163,13 +163,13 @@ class EmoSens(EmoOptimizer):
             # The averaged kernel writes g into g (its first-moment buffer): not into a
             # gradient that is itself differentiable (backward with create_graph=True).
             and not (self.average and any(p.grad.requires_grad for p in params))
-            # The kernel pairs elements by memory position: each gradient and state (kept in
-            # its parameter's layout by the step) must share the parameter's strides; a
-            # gradient assigned in another layout, or a parameter with gaps, goes multi-tensor.
-            and aligned
         )
         if fusable:
             _check_moment_shapes(params, states, keys)  # the fused kernel does not check them
+        # The kernel pairs elements by memory position: each gradient and state (kept in its
+        # parameter's layout by the step) must share the parameter's strides; a gradient
+        # assigned in another layout, or a parameter with gaps, goes multi-tensor.
+        fusable = fusable and aligned
         if self.fused:  # (the constructor rejects fused=True with compile_update=True)
             if not fusable:
                 raise RuntimeError(

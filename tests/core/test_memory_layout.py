@@ -167,3 +167,17 @@ def test_a_parameter_with_gaps_in_memory_trains_and_keeps_its_state_tensors(
     (got, seen), (reference, _) = update({}), update({"foreach": False})
     assert _relative(got, reference) < TOLERANCE
     assert seen[1] == seen[2]
+
+
+def test_a_mis_shaped_state_is_refused_whatever_the_layout() -> None:
+    """The shape check comes before the layout decision: a state edited to the wrong shape
+    on a non-contiguous parameter is refused like on a contiguous one."""
+    p = torch.nn.Parameter(torch.randn(8, 6).t())
+    opt = EmoSens([p])
+    p.grad = torch.ones_like(p)
+    opt.step(loss=1.0)
+    before = p.detach().clone()
+    opt.state[p]["exp_avg_sq"] = torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"state\['exp_avg_sq'\] of shape \(4,\)"):
+        opt.step(loss=1.0)
+    assert torch.equal(p.detach(), before)
