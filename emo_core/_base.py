@@ -939,17 +939,23 @@ class EmoOptimizer(Optimizer):
         if not keys:
             return False
         contiguous = Tensor.is_contiguous
-        if (
-            self._flags.get("contiguous_state", False)
-            and all(map(contiguous, params))
-            and all(map(contiguous, grads))
-        ):
+        plain = all(map(contiguous, params))
+        if plain and self._flags.get("contiguous_state", False) and all(map(contiguous, grads)):
             return True
         if real:
             params, grads = list(map(_real, params)), list(map(_real, grads))
         aligned = _follow_layout(params, grads, per_param, keys)
-        self._flags["contiguous_state"] = all(map(contiguous, self.state)) and all(
-            contiguous(state[key]) for state in self.state.values() for key in keys if key in state
+        # The whole-optimizer scan only where it can succeed: a non-contiguous parameter of
+        # this bucket (a channels_last model, every step) fails it, without reading the rest.
+        self._flags["contiguous_state"] = (
+            plain
+            and all(map(contiguous, self.state))
+            and all(
+                contiguous(state[key])
+                for state in self.state.values()
+                for key in keys
+                if key in state
+            )
         )
         return aligned
 
