@@ -795,11 +795,13 @@ class EmoOptimizer(Optimizer):
     def _warn_if_interpolation_changed(self) -> None:
         """Warn once if a group's interpolation weight ``β`` changed between steps: the
         parameters hold ``y = β·x + (1 − β)·z``, so a new ``β`` moves the average ``x`` that
-        ``eval()`` recovers (``OneCycleLR`` cycles ``betas[0]`` by default)."""
+        ``eval()`` recovers (``OneCycleLR`` cycles ``betas[0]`` by default). A group added
+        since the last step (``add_param_group``) is new, not changed."""
         betas = [self._interpolation(group) for group in self.param_groups]
         seen = self._flags.get("interpolation")
         self._flags["interpolation"] = betas
-        if seen is None or seen == betas or self._flags.get("warned_interpolation"):
+        unchanged = seen is None or seen == betas[: len(seen)]
+        if unchanged or self._flags.get("warned_interpolation"):
             return
         self._flags["warned_interpolation"] = True
         which = "interpolation" if "interpolation" in self.param_groups[0] else "betas[0]"

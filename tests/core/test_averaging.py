@@ -489,3 +489,19 @@ def test_a_scheduler_that_cycles_the_interpolation_weight_is_warned_about(cycle_
     assert len(said) == (1 if cycle_momentum else 0)
     if said:
         assert "cycle_momentum=False" in str(said[0].message)
+
+
+@pytest.mark.parametrize("optimizer", [EmoSens, EmoCats])
+def test_adding_a_param_group_is_not_warned_about_as_a_changed_interpolation(optimizer) -> None:
+    """Unfreezing a layer as a new group adds a β; none of the old ones changed."""
+    model = small_model()
+    params = list(model.parameters())
+    opt = optimizer(params[:2], **AVERAGE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(6):
+            if step == 3:
+                opt.add_param_group({"params": params[2:]})
+            set_random_grads(params, step)
+            opt.step(loss=1.0 / (step + 1))
+    assert not [w for w in caught if "interpolation weight" in str(w.message)]
