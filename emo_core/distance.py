@@ -329,7 +329,10 @@ def _strided(t: Tensor, piece: _Piece, eager: bool) -> Tensor:
     ``eager``: not under torch.compile (checked once per sample by the caller)."""
     if eager and t.is_contiguous():  # (storage_offset breaks a compiled graph)
         return t.as_strided((piece.length,), (piece.stride,), t.storage_offset() + piece.start)
-    return t.reshape(-1)[piece.start : piece.start + piece.stride * piece.length : piece.stride]
+    end = piece.start + piece.stride * piece.length
+    if eager:  # channels_last, transposed, gaps: gather the coordinates, not a copy of all
+        return torch.take(t, torch.arange(piece.start, end, piece.stride, device=t.device))
+    return t.reshape(-1)[piece.start : end : piece.stride]
 
 
 def init_distance_state(

@@ -15,6 +15,7 @@ from emo_core.distance import (
     SAMPLE_SIZE,
     SAMPLE_TENSORS,
     distance_update,
+    gather_sample,
     init_distance_state,
     plan_sample,
 )
@@ -383,6 +384,34 @@ def test_a_repeating_layout_is_not_aliased_by_the_tensor_sample() -> None:
     plan = plan_sample([{"params": params}], torch.device("cpu"), 1)
     kinds = {params[p.index].shape for p in plan.pieces}
     assert kinds == {(4, 8), (8, 4)}
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "gaps"])
+def test_a_non_contiguous_parameter_is_sampled_at_its_logical_coordinates(layout: str) -> None:
+    """The sample reads logical (row-major) flat indices whatever the memory layout: the same
+    values as from a contiguous copy, for the parameter and its gradient alike (a large
+    tensor, so that it is strided over, not read whole)."""
+    torch.manual_seed(0)
+    base = torch.randn(64, 32, 3, 3)
+    if layout == "channels_last":
+        odd = base.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        base = base.reshape(64 * 3, 96)
+        odd = base.t().contiguous().t()
+    else:
+        wide = torch.randn(64, 64, 3, 3)
+        odd, base = wide[:, ::2], wide[:, ::2].contiguous()
+    assert not odd.is_contiguous() and torch.equal(odd, base)
+    sampled = []
+    for t in (base, odd):
+        p = torch.nn.Parameter(t)  # (a view: a copy of a tensor with gaps would be dense)
+        assert p.is_contiguous() == (t is base)
+        p.grad = 2 * t + 1
+        plan = plan_sample([{"params": [p]}], torch.device("cpu"), 1)
+        assert plan.size < p.numel()
+        sampled.append(gather_sample(plan, [{"params": [p]}], torch.device("cpu")))
+    assert not sampled[1][0].isnan().any()
+    assert torch.equal(sampled[0][0], sampled[1][0]) and torch.equal(sampled[0][1], sampled[1][1])
 
 
 def test_a_state_saved_with_one_scale_for_all_groups_loads_with_it_in_each() -> None:
