@@ -330,7 +330,8 @@ def _strided(t: Tensor, piece: _Piece, eager: bool) -> Tensor:
     if eager and t.is_contiguous():  # (storage_offset breaks a compiled graph)
         return t.as_strided((piece.length,), (piece.stride,), t.storage_offset() + piece.start)
     end = piece.start + piece.stride * piece.length
-    if eager:  # channels_last, transposed, gaps: gather the coordinates, not a copy of all
+    if eager and t.device.type in ("cpu", "cuda"):  # channels_last, transposed, gaps:
+        # gather the coordinates, not a copy of all (other backends: the portable copy)
         return torch.take(t, torch.arange(piece.start, end, piece.stride, device=t.device))
     return t.reshape(-1)[piece.start : end : piece.stride]
 
