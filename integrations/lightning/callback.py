@@ -74,9 +74,10 @@ class EmoCallback(Callback):
         log_metrics: log the ``emo/*`` metrics (default: True).
         show_applied_lr: when an Emo optimizer trains, turn every plain
             ``LearningRateMonitor`` of the trainer into an ``EmoLearningRateMonitor`` (the same
-            object and settings; only the LR it reads changes), so its ``lr-*`` keys carry the
-            applied LR, not the multiplier. ``group["lr"]`` itself is never written
-            (default: True).
+            object and settings; only the LR it reads changes) for the length of ``fit``, so
+            its ``lr-*`` keys carry the applied LR, not the multiplier; at the end of ``fit``
+            it is a plain ``LearningRateMonitor`` again. ``group["lr"]`` itself is never
+            written (default: True).
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class EmoCallback(Callback):
         self._warned_no_emo = False
         self._window_start = True
         self._last_step = -1
+        self._swapped: list[LearningRateMonitor] = []  # monitors made Emo-aware for a fit
 
     # ----------------------------------------------------------------- set-up
     @override
@@ -108,11 +110,31 @@ class EmoCallback(Callback):
             for monitor in trainer.callbacks:
                 if type(monitor) is LearningRateMonitor:  # before its on_train_start
                     monitor.__class__ = EmoLearningRateMonitor
+                    self._swapped.append(monitor)
                     rank_zero_info(
                         "EmoCallback: LearningRateMonitor logs the applied LR (group['emo_lr']) "
                         "of Emo optimizers, not the multiplier group['lr'] "
                         "(EmoCallback(show_applied_lr=False) to keep the multiplier)."
                     )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_monitors()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_monitors()
+
+    def _restore_monitors(self) -> None:
+        """Give the monitors made Emo-aware for this fit their own class back: the change
+        lasts one fit, so a monitor reused by another Trainer (a sweep, a notebook) is as
+        its user made it."""
+        for monitor in self._swapped:
+            if type(monitor) is EmoLearningRateMonitor:
+                monitor.__class__ = LearningRateMonitor
+        self._swapped.clear()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -125,8 +147,11 @@ class EmoCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # Same rule as Lightning's zero_grad: a window starts where batch_idx % N == 0.
-        self._window_start = batch_idx % trainer.accumulate_grad_batches == 0
+        # Same rule as Lightning's zero_grad: a window starts where batch_idx % N == 0. The
+        # flag stays up until a loss is fed: a first micro-batch that returns None (no
+        # backward) must not let the next one add to a skipped step's stale loss.
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self._window_start = True
         _switch(trainer, evaluating=False)
 
     # ------------------------------------------- iterate averaging (average=True)

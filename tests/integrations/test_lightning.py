@@ -159,6 +159,40 @@ def test_16_mixed_grad_scaler_skips_lose_and_double_count_nothing(device: str) -
     assert_sensed(opt, [m for i, m in enumerate(windows) if i not in overflow])
 
 
+class OverflowThenNone(ForcedOverflow):
+    """Also returns None (skip, no backward) from the given global batch indices."""
+
+    def __init__(self, n: int, windows_per_epoch: int, overflow: set[int], none: set[int]):
+        super().__init__(n, windows_per_epoch, overflow)
+        self.none = none
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        loss = super().training_step(batch, batch_idx)
+        if self.current_epoch * self.n * self.windows_per_epoch + batch_idx in self.none:
+            self.recorded.pop()
+            return None
+        return loss
+
+
+def test_a_skipped_steps_loss_does_not_leak_past_a_micro_batch_that_returns_none() -> None:
+    """Window 1 overflows (the GradScaler skips its step; its losses stay pending in the
+    optimizer), and window 2's first micro-batch returns None: window 2's step senses its
+    own loss only, not the skipped window's added to it."""
+    n, per_epoch = 2, 4
+    model = OverflowThenNone(n, per_epoch, overflow={1}, none={4})
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
+    trainer = make_trainer(
+        max_epochs=1, accumulate_grad_batches=n, plugins=[plugin], callbacks=[EmoCallback()]
+    )
+    trainer.fit(model, DataLoader(regression_data(32), batch_size=4))
+    losses = {batch_idx: loss for _, batch_idx, loss in model.recorded}
+    assert 4 not in losses and 5 in losses
+    expected = [m for i, m in enumerate(window_means(model.recorded, n)) if i != 1]
+    assert expected[1] == losses[5]
+    assert trainer.optimizers[0].telemetry()["step"] == len(expected)
+    assert_sensed(trainer.optimizers[0], expected)
+
+
 def test_16_mixed_without_callback_senses_nothing() -> None:
     # GradScaler calls step() without the closure: without EmoCallback there is no loss.
     model = Regression()
@@ -248,9 +282,10 @@ def test_logs_through_trainer_loggers_at_log_every_n_steps(tmp_path: Path) -> No
     opt = trainer.optimizers[0]
     assert steps[-1] == trainer.global_step - 1
     assert float(emo_rows[-1]["emo/lr"]) == pytest.approx(opt.get_effective_lr()[0], rel=1e-6)
-    # LearningRateMonitor, made an EmoLearningRateMonitor: the applied LR, logged before the
-    # step, so it is the previous step's (group["lr"] would be the multiplier 1.0).
-    assert isinstance(trainer.callbacks[1], EmoLearningRateMonitor)
+    # LearningRateMonitor, made an EmoLearningRateMonitor for the fit: the applied LR, logged
+    # before the step, so it is the previous step's (group["lr"] would be the multiplier 1.0);
+    # a plain LearningRateMonitor again after it.
+    assert type(trainer.callbacks[1]) is LearningRateMonitor
     assert all(float(r["lr-EmoSens"]) < 1e-2 for r in monitor_rows)
     lrs = [float(r["emo/lr"]) for r in emo_rows]  # fp32 values within [min_lr, max_lr]
     assert all(1e-6 * (1 - 1e-6) <= lr <= 1e-3 * (1 + 1e-6) for lr in lrs)
@@ -285,6 +320,18 @@ def test_learning_rate_monitor_keeps_the_multiplier_when_asked(tmp_path: Path) -
     callbacks = [LearningRateMonitor(), EmoCallback(show_applied_lr=False)]
     rows = monitored_lrs(tmp_path, callbacks, Regression(lr=0.5))
     assert type(callbacks[0]) is LearningRateMonitor
+    assert {float(r["lr-EmoSens"]) for r in rows if r.get("lr-EmoSens")} == {0.5}
+
+
+def test_a_monitor_made_emo_aware_is_plain_again_after_fit(tmp_path: Path) -> None:
+    """The swap lasts one fit: the same monitor in a later Trainer with
+    ``show_applied_lr=False`` logs the multiplier, as it would if it had never been used."""
+    monitor = LearningRateMonitor()
+    monitored_lrs(tmp_path / "a", [monitor, EmoCallback()], Regression())
+    assert type(monitor) is LearningRateMonitor
+    rows = monitored_lrs(
+        tmp_path / "b", [monitor, EmoCallback(show_applied_lr=False)], Regression(lr=0.5)
+    )
     assert {float(r["lr-EmoSens"]) for r in rows if r.get("lr-EmoSens")} == {0.5}
 
 
