@@ -521,6 +521,7 @@ class EmoOptimizer(Optimizer):
             with torch.enable_grad():
                 closure_value = closure()
         work = self._collect()  # raises before anything changes
+        plans = self._prepare(work)  # likewise: every check that can refuse this step
         has_grads = any(work)
         captured = capture.take(self)
         loss_t = self._pick_loss(loss, closure_value, closure is not None, has_grads, captured)
@@ -571,9 +572,9 @@ class EmoOptimizer(Optimizer):
         self._rounding_streams = 0  # stochastic rounding: one noise stream per bucket
         # (no gradient at all: nothing steps, so no averaging weight is spent)
         average = self._advance_average(valid) if self.average and has_grads else None
-        for group, params in zip(self.param_groups, work):
-            if params:
-                self._step_group(group, params, valid, meta, average)
+        for group, plan in zip(self.param_groups, plans):
+            for prepared in plan:
+                self._step_bucket(group, prepared, valid, meta, average)
         if self.writer is not None:
             steps = int(meta["steps"])
             if steps % self.log_every == 0:
@@ -848,70 +849,149 @@ class EmoOptimizer(Optimizer):
         state["eval_mode"] = torch.full_like(state["eval_mode"], evaluating)
 
     # ------------------------------------------------------------------- per group
-    def _step_group(
+    def _prepare(self, work: list[list[tuple[int, Tensor]]]) -> list[list[_Prepared]]:
+        """Per group, its buckets ready to step: hyperparameters edited since the last step
+        re-checked, lazy state created, layouts and state shapes checked, kernels chosen.
+        Everything here that can refuse the step does so before the step changes anything
+        (the loss sensor, the controller, the step count, an earlier group); state created
+        for a refused step is removed again."""
+        self._revalidate_groups()
+        created: list[tuple[dict[str, Any], str | None]] = []
+        try:
+            return [
+                [
+                    self._prepare_bucket(group, originals, created)
+                    for originals in _by_kind([p for _, p in params]).values()
+                ]
+                for group, params in zip(self.param_groups, work)
+            ]
+        except BaseException:
+            for state, key in created:
+                if key is None:
+                    state.clear()
+                else:
+                    state.pop(key, None)
+            raise
+
+    def _revalidate_groups(self) -> None:
+        """Re-check a group's hyperparameters when they changed since they were last checked
+        (a user or a scheduler writes ``param_groups`` between steps; torch.optim checks
+        nothing there): a bad value is refused by name before it reaches a kernel. A group's
+        snapshot is a tuple of its values, so an unchanged group costs one comparison; a
+        tensor ``lr`` is compared by identity and its value is not read (no host sync)."""
+        checked = self._flags.setdefault("checked_groups", {})
+        for index, group in enumerate(self.param_groups):
+            snapshot = _snapshot(group, self.defaults)
+            if checked.get(index) == snapshot:
+                continue
+            candidate = {key: group[key] for key in self.defaults if key in group}
+            tensor_lr = candidate.get("lr") if isinstance(candidate.get("lr"), Tensor) else None
+            if tensor_lr is not None:
+                candidate["lr"] = 0.0  # (its value was checked where it was set)
+            self._check_group(candidate)
+            if tensor_lr is not None:
+                candidate["lr"] = tensor_lr
+            group.update(candidate)
+            checked[index] = _snapshot(group, self.defaults)
+
+    def _prepare_bucket(
         self,
         group: dict[str, Any],
-        params: list[tuple[int, Tensor]],
+        originals: list[Tensor],
+        created: list[tuple[dict[str, Any], str | None]],
+    ) -> _Prepared:
+        # Complex parameters are updated as pairs of reals (a dict, as torch.compile cannot
+        # trace dtype.to_real()).
+        dtype = _REAL_DTYPE.get(originals[0].dtype, originals[0].dtype)
+        compute_dtype = default_state_dtype(dtype, self.state_dtype)
+        if compute_dtype in LOW_PRECISION:
+            compute_dtype = torch.float32  # state may be stored low, math is fp32
+        per_param = [self.state[p] for p in originals]  # hashing a tensor is Python code
+        for p, state in zip(originals, per_param):
+            if not state:
+                created.append((state, None))
+                self._init_full_state(p, group, dtype)
+            elif group["use_shadow"] and "shadow" not in state:  # use_shadow turned on
+                created.append((state, "shadow"))
+                state["shadow"] = (
+                    _real(p).detach().to(default_state_dtype(dtype, self.state_dtype), copy=True)
+                )
+        real = dtype is not originals[0].dtype
+        self._check_state_shapes(originals, per_param, real)
+        grads = [p.grad for p in originals]
+        aligned = self._aligned(originals, grads, per_param, real)
+        impl = self._pick_impl(originals, per_param, compute_dtype, aligned=aligned)
+        return _Prepared(originals, per_param, compute_dtype, impl)
+
+    def _check_state_shapes(
+        self, params: list[Tensor], states: list[dict[str, Any]], real: bool
+    ) -> None:
+        """State whose shape differs from its parameter's (``p.data`` replaced by a tensor of
+        another shape, or state edited by hand) is refused by name; a kernel would fail on it
+        halfway through the step, or the fused one write past its buffers."""
+        keys = self._layout_keys()
+        shapes = [_real(p).shape if real else p.shape for p in params]
+        if all([state[key].shape for state in states] == shapes for key in keys):
+            return  # (list comparisons: this runs every step on every tensor)
+        for index, (shape, state) in enumerate(zip(shapes, states)):
+            for key in keys:
+                if state[key].shape != shape:
+                    raise _shape_error(self, key, state[key].shape, shape, index)
+
+    def _step_bucket(
+        self,
+        group: dict[str, Any],
+        prepared: _Prepared,
         valid: Tensor,
         meta: dict[str, Any],
         average: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        for (device, dtype), originals in _by_kind([p for _, p in params]).items():
-            # Complex parameters are updated as pairs of reals (a dict, as torch.compile cannot
-            # trace dtype.to_real()).
-            dtype = _REAL_DTYPE.get(dtype, dtype)
-            compute_dtype = default_state_dtype(dtype, self.state_dtype)
-            if compute_dtype in LOW_PRECISION:
-                compute_dtype = torch.float32  # state may be stored low, math is fp32
-            per_param = [self.state[p] for p in originals]  # hashing a tensor is Python code
-            for p, state in zip(originals, per_param):
-                if not state:
-                    self._init_full_state(p, group, dtype)
-            grads = [p.grad for p in originals]
-            aligned = self._aligned(originals, grads, per_param, dtype is not originals[0].dtype)
-            state_copies: list[tuple[Tensor, Tensor]] = []
-            keys = dict.fromkeys(k for state in per_param for k in state if k != "shadow")
-            states = {key: [state.get(key) for state in per_param] for key in keys}
-            for key, values in states.items():
-                if key != "step" and any(
-                    v is not None and v.dtype is not compute_dtype for v in values
-                ):  # state kept in another dtype (state_dtype, or a loaded checkpoint)
-                    states[key] = [_as_compute(v, compute_dtype, state_copies) for v in values]
-            param_copies: list[tuple[Tensor, Tensor]] = []
-            if originals[0].dtype == compute_dtype:  # real, and no copies (the common case)
-                work_params, work_grads = originals, grads
-            else:
-                work_params = [_as_compute(p, compute_dtype, param_copies) for p in originals]
-                work_grads = [_as_compute(p.grad, compute_dtype, None) for p in originals]
-            if self.maximize:  # ascend: the rules descend along -g
-                work_grads = torch._foreach_neg(work_grads)
-            mix, average_steps = (
-                (None, None)
-                if average is None
-                else (t.to(device=device, dtype=compute_dtype) for t in average)
-            )
-            lr = group["emo_lr"].to(device=device, dtype=compute_dtype)
-            if mix is not None:  # lr = 0 freezes a group: no averaging step either
-                mix = torch.where(lr != 0, mix, torch.zeros_like(mix))
-            bucket = Bucket(
-                params=work_params,
-                grads=work_grads,
-                states=states,
-                lr=lr,
-                valid=valid.to(device),
-                group=group,
-                impl=self._pick_impl(originals, per_param, compute_dtype, aligned=aligned),
-                mix=mix,
-                average_steps=average_steps,
-            )
-            if group["use_shadow"]:
-                self._apply_shadow(bucket, [state["shadow"] for state in per_param])
-            if bucket.impl == "compiled":
-                for part in bucket.chunks(COMPILE_CHUNK):
-                    self._update(part)
-            else:
-                self._update(bucket)
-            self._write_back(param_copies, state_copies, device, meta)
+        originals, per_param, compute_dtype = prepared.params, prepared.states, prepared.dtype
+        device = originals[0].device
+        grads = [p.grad for p in originals]
+        state_copies: list[tuple[Tensor, Tensor]] = []
+        keys = dict.fromkeys(k for state in per_param for k in state if k != "shadow")
+        states = {key: [state.get(key) for state in per_param] for key in keys}
+        for key, values in states.items():
+            if key != "step" and any(
+                v is not None and v.dtype is not compute_dtype for v in values
+            ):  # state kept in another dtype (state_dtype, or a loaded checkpoint)
+                states[key] = [_as_compute(v, compute_dtype, state_copies) for v in values]
+        param_copies: list[tuple[Tensor, Tensor]] = []
+        if originals[0].dtype == compute_dtype:  # real, and no copies (the common case)
+            work_params, work_grads = originals, grads
+        else:
+            work_params = [_as_compute(p, compute_dtype, param_copies) for p in originals]
+            work_grads = [_as_compute(p.grad, compute_dtype, None) for p in originals]
+        if self.maximize:  # ascend: the rules descend along -g
+            work_grads = torch._foreach_neg(work_grads)
+        mix, average_steps = (
+            (None, None)
+            if average is None
+            else (t.to(device=device, dtype=compute_dtype) for t in average)
+        )
+        lr = group["emo_lr"].to(device=device, dtype=compute_dtype)
+        if mix is not None:  # lr = 0 freezes a group: no averaging step either
+            mix = torch.where(lr != 0, mix, torch.zeros_like(mix))
+        bucket = Bucket(
+            params=work_params,
+            grads=work_grads,
+            states=states,
+            lr=lr,
+            valid=valid.to(device),
+            group=group,
+            impl=prepared.impl,
+            mix=mix,
+            average_steps=average_steps,
+        )
+        if group["use_shadow"]:
+            self._apply_shadow(bucket, [state["shadow"] for state in per_param])
+        if bucket.impl == "compiled":
+            for part in bucket.chunks(COMPILE_CHUNK):
+                self._update(part)
+        else:
+            self._update(bucket)
+        self._write_back(param_copies, state_copies, device, meta)
 
     def _init_full_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> None:
         state_dtype = default_state_dtype(dtype, self.state_dtype)
@@ -989,8 +1069,9 @@ class EmoOptimizer(Optimizer):
         dtype = bucket.lr.dtype
         magnitude = sensor["scalar"].abs().to(device=device, dtype=dtype)
         trust = sensor["trust"].abs().to(device=device, dtype=dtype)
-        pull = torch.where(magnitude > 0.625, 1.0 - magnitude, 0.0) * bucket.valid
-        follow = torch.where(pull > 0, 0.0, 0.1 * trust) * bucket.valid
+        moving = bucket.valid & (bucket.lr != 0)  # lr = 0 freezes a group, shadow included
+        pull = torch.where(magnitude > 0.625, 1.0 - magnitude, 0.0) * moving
+        follow = torch.where(pull > 0, 0.0, 0.1 * trust) * moving
         work_shadows = [_real(s).to(dtype) for s in shadows]
         toward_shadow = torch._foreach_sub(work_shadows, bucket.params)
         torch._foreach_mul_(toward_shadow, pull)
@@ -1016,7 +1097,8 @@ class EmoOptimizer(Optimizer):
                 if generator is None:
                     generator = torch.Generator(device=device)
                     generator.manual_seed(self._rounding_seed(meta, target))
-                copy_stochastic_(target, work, generator)
+                # (state_dtype=float64: rounded to fp32 first, then stochastically)
+                copy_stochastic_(target, work.to(torch.float32), generator)
             else:
                 target.copy_(work)
         for target, work in state_copies:
@@ -1159,6 +1241,41 @@ _RANK_STRIDE = 0xC2B2AE3D27D4EB4F
 def _overflow_norm(dtype: torch.dtype) -> float:
     """The smallest 2-norm whose square overflows ``dtype``: sqrt(finfo(dtype).max)."""
     return math.sqrt(torch.finfo(dtype).max)
+
+
+@dataclass
+class _Prepared:
+    """One bucket of a step, checked and ready (:meth:`EmoOptimizer._prepare`)."""
+
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    dtype: torch.dtype  # the compute dtype
+    impl: str
+
+
+def _snapshot(group: dict[str, Any], defaults: dict[str, Any]) -> tuple:
+    """A group's hyperparameters as a comparable tuple (a tensor by identity, a list as a
+    tuple: ``group["betas"][1] = ...`` on a list is seen)."""
+
+    def frozen(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return ("tensor", id(value))
+        if isinstance(value, list | tuple):
+            return tuple(map(frozen, value))
+        return value
+
+    return tuple(frozen(group.get(key)) for key in defaults)
+
+
+def _shape_error(
+    optimizer: EmoOptimizer, key: str, got: torch.Size, shape: torch.Size, index: int
+) -> RuntimeError:
+    return RuntimeError(
+        f"{type(optimizer).__name__}: state[{key!r}] of shape {tuple(got)} does not match its "
+        f"parameter of shape {tuple(shape)} (tensor {index} of its bucket); optimizer state "
+        "must keep its parameter's shape (a parameter replaced by one of another shape needs "
+        "a new optimizer, or its state removed: del optimizer.state[p])"
+    )
 
 
 def _real(t: Tensor) -> Tensor:

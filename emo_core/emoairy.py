@@ -95,6 +95,32 @@ class EmoAiry(EmoOptimizer):
                 p, dtype=dtype, memory_format=torch.preserve_format
             )
 
+    def _check_state_shapes(
+        self, params: list[Tensor], states: list[dict[str, Any]], real: bool
+    ) -> None:
+        """Factored state must still fit its parameter (``p.data`` replaced by a tensor of
+        another shape): refused by name before the step changes anything."""
+        for index, (p, state) in enumerate(zip(params, states)):
+            p = torch.view_as_real(p) if real else p  # (complex: the state of its real view)
+            shape = p.shape
+            if p.dim() >= 2:
+                expected = {
+                    "row_var": (shape[0],) + (1,) * (p.dim() - 1),
+                    "col_var": (1, *shape[1:]),
+                }
+            else:
+                expected = {"exp_avg_sq": tuple(shape)}
+            for key, want in expected.items():
+                got = state.get(key)
+                if got is None or tuple(got.shape) != want:
+                    raise RuntimeError(
+                        f"EmoAiry: state[{key!r}] of shape "
+                        f"{None if got is None else tuple(got.shape)} does not fit its parameter "
+                        f"of shape {tuple(shape)} (tensor {index} of its bucket; expected "
+                        f"{want}); a parameter replaced by one of another shape needs a new "
+                        "optimizer, or its state removed: del optimizer.state[p]"
+                    )
+
     def _update(self, bucket: Bucket) -> None:
         group = bucket.group
         emoairy(

@@ -164,8 +164,6 @@ class EmoSens(EmoOptimizer):
             # gradient that is itself differentiable (backward with create_graph=True).
             and not (self.average and any(p.grad.requires_grad for p in params))
         )
-        if fusable:
-            _check_moment_shapes(params, states, keys)  # the fused kernel does not check them
         # The kernel pairs elements by memory position: each gradient and state (kept in its
         # parameter's layout by the step) must share the parameter's strides; a gradient
         # assigned in another layout, or a parameter with gaps, goes multi-tensor.
@@ -194,24 +192,6 @@ class EmoSens(EmoOptimizer):
             eps=bucket.group["eps"],
             weight_decay=bucket.group["weight_decay"],
         )
-
-
-def _check_moment_shapes(
-    params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str, ...]
-) -> None:
-    """State whose shape differs from its parameter's (edited in place) would make the fused
-    kernel write past its buffers; refuse it instead."""
-    shapes = [p.shape for p in params]
-    if all([state[key].shape for state in states] == shapes for key in keys):
-        return  # (list comparisons: this runs every step on every tensor)
-    for index, (p, state) in enumerate(zip(params, states)):
-        for key in keys:
-            if state[key].shape != p.shape:
-                raise RuntimeError(
-                    f"EmoSens: state[{key!r}] of shape {tuple(state[key].shape)} does not match "
-                    f"its parameter of shape {tuple(p.shape)} (tensor {index} of its bucket); "
-                    "optimizer state must keep its parameter's shape"
-                )
 
 
 def emosens(bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:

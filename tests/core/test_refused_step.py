@@ -1,0 +1,172 @@
+"""A step that is refused changes nothing (issue 12's "a bad step leaves parameters and
+optimizer state as they were"): every check that can refuse it runs before the loss sensor,
+the controller, the step count or an earlier group moves. Also what a user may change
+between steps: hyperparameters in ``param_groups``, ``use_shadow``, ``lr = 0``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from emo_core import EmoAiry, EmoCats, EmoSens
+from tests.core.cases import NAMES, OPTIMIZERS, assert_same, set_random_grads, train_scripted
+
+
+def two_group_model() -> tuple[nn.Module, list[dict[str, Any]]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    return model, groups
+
+
+def assert_refused_and_unchanged(model: nn.Module, opt, error: type, match: str) -> None:
+    """``opt.step(loss=...)`` raises ``error``; parameters and the whole optimizer state
+    (sensor, controller, step count, every group's state) are bitwise as before."""
+    before_params = copy.deepcopy(model.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.step(loss=0.5)
+    assert_same(model.state_dict(), before_params)
+    assert_same(opt.state_dict(), before)
+
+
+CASES = {
+    "emosens": {"pulse": "v37"},
+    "emosens-distance": {"pulse": "distance"},
+    "emosens-averaged": {"pulse": "distance", "average": True},
+}
+
+
+@pytest.mark.parametrize("kwargs", list(CASES.values()), ids=list(CASES))
+def test_a_fused_step_refused_for_a_misaligned_gradient_changes_nothing(kwargs: dict) -> None:
+    """Group 0 is fine; group 1's weight has a gradient in another memory layout, which
+    ``fused=True`` refuses: before, group 0 and the sensor had already stepped."""
+    model, groups = two_group_model()
+    opt = EmoSens(groups, fused=True, **kwargs)
+    train_scripted(model, opt, range(3))
+    params = list(model.parameters())
+    set_random_grads(params, 3)
+    weight = model[2].weight
+    weight.grad = weight.grad.t().contiguous().t()  # same values, transposed strides
+    assert not weight.grad.is_contiguous()
+    assert_refused_and_unchanged(model, opt, RuntimeError, "memory")
+    # and the step, retried with a fixed gradient, is the step a fresh run takes
+    reference_model, reference_groups = two_group_model()
+    reference = EmoSens(reference_groups, fused=True, **kwargs)
+    train_scripted(reference_model, reference, range(4))
+    weight.grad = weight.grad.contiguous()
+    train_scripted(model, opt, range(3, 4))
+    assert_same(model.state_dict(), reference_model.state_dict())
+    assert_same(opt.state_dict(), reference.state_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_parameter_replaced_by_one_of_another_shape_is_refused_by_name(name: str) -> None:
+    model, groups = two_group_model()
+    opt = OPTIMIZERS[name](groups)
+    train_scripted(model, opt, range(3))
+    model[2].weight.data = torch.zeros(3, 4)  # was (3, 5)
+    set_random_grads(list(model.parameters()), 3)
+    assert_refused_and_unchanged(model, opt, RuntimeError, r"state\[.*does not (match|fit)")
+    del opt.state[model[2].weight]  # the documented way out: that parameter starts afresh
+    opt.step(loss=0.5)
+    assert opt.state[model[2].weight]
+
+
+BAD_GROUP_VALUES = [
+    (name, key, value, match)
+    for name in NAMES
+    for key, value, match in [
+        ("weight_decay", float("nan"), "weight_decay"),
+        ("weight_decay", -0.1, "weight_decay"),
+        ("lr", None, "lr"),
+        ("lr", -1.0, "lr"),
+        ("use_shadow", "maybe", "use_shadow"),
+    ]
+] + [
+    ("emosens", "betas", (0.9, 1.5), "betas"),
+    ("emosens", "betas", "abc", "betas"),
+    ("emosens", "eps", -1.0, "eps"),
+    ("emosens", "eps", "x", "eps"),
+    ("emocats", "betas", (0.9, 1.5), "betas"),
+    ("emoairy", "beta2", 1.0, "beta2"),
+    ("emoairy", "eps", 0.0, "eps"),
+]
+
+
+@pytest.mark.parametrize(("name", "key", "value", "match"), BAD_GROUP_VALUES)
+def test_a_bad_value_written_into_param_groups_is_refused_before_the_step(
+    name: str, key: str, value: Any, match: str
+) -> None:
+    """torch.optim checks nothing a user writes into ``param_groups`` between steps; a bad
+    value used to reach a kernel (nan parameters, or a bare error after a partial step)."""
+    model, groups = two_group_model()
+    opt = OPTIMIZERS[name](groups)
+    train_scripted(model, opt, range(3))
+    opt.param_groups[1][key] = value
+    set_random_grads(list(model.parameters()), 3)
+    assert_refused_and_unchanged(model, opt, ValueError, f"Invalid {match}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_valid_edit_of_param_groups_is_used_and_normalised(name: str) -> None:
+    model, groups = two_group_model()
+    opt = OPTIMIZERS[name](groups)
+    train_scripted(model, opt, range(2))
+    opt.param_groups[1]["weight_decay"] = "0.05"  # e.g. read from a config file
+    train_scripted(model, opt, range(2, 3))
+    assert opt.param_groups[1]["weight_decay"] == 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_use_shadow_turned_on_between_steps_starts_its_shadow_there(name: str) -> None:
+    model, groups = two_group_model()
+    opt = OPTIMIZERS[name](groups)
+    train_scripted(model, opt, range(3))
+    for group in opt.param_groups:
+        group["use_shadow"] = True
+    snapshot = {k: v.clone() for k, v in model.named_parameters()}
+    set_random_grads(list(model.parameters()), 3)
+    opt.step(loss=0.5)
+    for name_, p in model.named_parameters():
+        assert torch.isfinite(p).all()
+        shadow = opt.state[p]["shadow"]  # started at the parameter, then followed it
+        assert (shadow - snapshot[name_]).abs().max() <= (p - snapshot[name_]).abs().max()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_zero_freezes_a_group_with_the_shadow_on(name: str) -> None:
+    """The shadow's pull on a loss spike used to move a group frozen by ``lr = 0``."""
+    model, groups = two_group_model()
+    opt = OPTIMIZERS[name](groups, use_shadow=True)
+    train_scripted(model, opt, range(20))
+    opt.param_groups[1]["lr"] = 0.0
+    frozen = [p.clone() for p in model[2].parameters()]
+    params = list(model.parameters())
+    for step, loss in enumerate([0.3, 30.0, 80.0, 200.0], start=20):  # |σ| grows large
+        set_random_grads(params, step)
+        opt.step(loss=loss)
+    assert abs(opt.telemetry()["scalar"]) > 0.625  # the pull is on
+    for before, p in zip(frozen, model[2].parameters()):
+        assert torch.equal(before, p)
+
+
+@pytest.mark.parametrize("optimizer", [EmoSens, EmoAiry, EmoCats])
+def test_fp64_state_trains_bf16_parameters(optimizer: type) -> None:
+    """``state_dtype=torch.float64`` with bf16 parameters: the fp64 result is rounded to fp32,
+    then stochastically into bf16 (it raised a TypeError every step)."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(16, 8).to(torch.bfloat16))
+    opt = optimizer([p], state_dtype=torch.float64, lr=1.0)
+    start = p.detach().clone()
+    for _ in range(5):
+        p.grad = (p.detach().float() * 2).to(torch.bfloat16)
+        opt.step(loss=float((p.detach().float() ** 2).sum()))
+    assert p.dtype is torch.bfloat16 and not torch.equal(p, start)
+    assert all(
+        v.dtype is torch.float64 for v in opt.state[p].values() if v.is_floating_point() and v.dim()
+    )
