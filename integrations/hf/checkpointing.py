@@ -24,6 +24,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from emo_core.checkpoint import (
+    MANIFEST_NAME,
     NO_MANIFEST_WARNING,
     find_latest_checkpoint,
     mark_complete,
@@ -88,10 +89,15 @@ class CheckpointingMixin:
         # transformers rotates old checkpoints (save_total_limit) at the end of its own
         # _save_checkpoint, just before the manifest below: a kill in that short window
         # leaves the new folder unmarked, and 'latest' falls back to an older one if any.
+        folder = Path(self._get_output_dir(trial=trial)) / f"{_PREFIX}{self.state.global_step}"
+        if self.args.should_save:
+            # A folder saved again (a rerun in the same output_dir, a resume from an earlier
+            # step) is unmarked before any file in it is rewritten: with the old manifest
+            # left in place, a kill mid-write left a mix of two runs' files that 'latest'
+            # took as complete.
+            (folder / MANIFEST_NAME).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()  # (no rank writes into a still-marked folder)
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>) are written
-        if self.args.should_save:
-            run_dir = Path(self._get_output_dir(trial=trial))
-            folder = run_dir / f"{_PREFIX}{self.state.global_step}"
-            if folder.is_dir():
-                mark_complete(folder)
+        if self.args.should_save and folder.is_dir():
+            mark_complete(folder)

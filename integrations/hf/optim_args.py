@@ -8,6 +8,7 @@ the flag.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from emo_core import optim_args as _core
@@ -39,15 +40,29 @@ def optimizer_keywords(optimizer_cls: type) -> dict[str, Any]:
     return _core.optimizer_keywords(optimizer_cls, _RESERVED)
 
 
-def parse_optim_args(text: str | None, optimizer_cls: type) -> dict[str, Any]:
+def parse_optim_args(
+    text: str | Sequence[str] | Mapping[str, Any] | None, optimizer_cls: type
+) -> dict[str, Any]:
     """Parse ``"use_shadow=True,betas=(0.9,0.99)"`` into checked kwargs for ``optimizer_cls``.
+
+    ``optim_args`` from a JSON or YAML config (``HfArgumentParser.parse_json_file`` /
+    ``parse_yaml_file``, or a dict passed in code) may also be a mapping of parsed values
+    (``{"use_shadow": true}``) or a list of ``key=value`` strings.
 
     Raises:
         FlagError: for ``optim_args``, naming the entry: a malformed entry, an unknown or
             reserved key (with the closest valid one), or a value of the wrong type.
     """
-    if text is None or not text.strip():
+    if text is None or isinstance(text, str) and not text.strip():
         return {}
+    if not isinstance(text, str | Mapping) and not (
+        isinstance(text, Sequence) and all(isinstance(entry, str) for entry in text)
+    ):
+        raise FlagError(
+            "optim_args",
+            f"Invalid optim_args: {text!r} (expected a string like 'use_shadow=True,"
+            "max_lr=3e-3', a list of such key=value strings, or a mapping of values)",
+        )
     try:
         return _core.parse_optim_args(text, optimizer_cls, reserved=_RESERVED)
     except ValueError as error:

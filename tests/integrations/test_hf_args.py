@@ -144,6 +144,25 @@ def test_bad_optim_args_fail_at_construction_naming_the_key(tmp_path, optim_args
         make_args(tmp_path, optim="emosens", optim_args=optim_args)
 
 
+def test_optim_args_from_a_yaml_or_json_config_may_be_a_mapping_or_a_list(tmp_path):
+    """A config file's ``optim_args:`` is naturally a mapping (or a list of entries); it
+    crashed with ``'dict' object has no attribute 'strip'``."""
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path}\noptim: emosens\nreport_to: none\n"
+        "optim_args:\n  use_shadow: true\n  max_lr: 0.002\n"
+    )
+    (args,) = HfArgumentParser(EmoTrainingArguments).parse_yaml_file(str(config))
+    assert parse_optim_args(args.optim_args, EmoSens) == {"use_shadow": True, "max_lr": 0.002}
+    listed = make_args(tmp_path, optim="emocats", optim_args=["use_shadow=True", "betas=0.9,0.99"])
+    assert parse_optim_args(listed.optim_args, EmoCats) == {
+        "use_shadow": True,
+        "betas": (0.9, 0.99),
+    }
+    with pytest.raises(ValueError, match=r"Invalid optim_args: 3 \(expected a string"):
+        make_args(tmp_path, optim="emosens", optim_args=3)
+
+
 def test_optim_args_range_errors_come_from_the_optimizer(tmp_path):
     with pytest.raises(ValueError, match="min_lr"):
         make_args(tmp_path, optim="emosens", optim_args="min_lr=1e-2,max_lr=1e-3")

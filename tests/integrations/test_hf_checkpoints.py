@@ -119,3 +119,28 @@ def test_resume_without_optimizer_file_warns_that_loss_statistics_start_fresh(
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("optimizer.pt" in m and "loss statistics" in m for m in warned), warned
     assert unwrap(trainer.optimizer).telemetry()["sensed_steps"] == 1  # it did start fresh
+
+
+def test_a_checkpoint_folder_saved_again_is_unmarked_while_it_is_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second run in the same output_dir (here a resume from step 2) dies while rewriting
+    checkpoint-3, after the model file and before the optimizer's: the first run's manifest
+    must not vouch for that mix of two runs' files."""
+    from transformers import Trainer
+
+    from emo_hf.checkpointing import resolve_resume_checkpoint
+
+    out = tmp_path / "out"
+    main(_argv(out, 3))
+    assert _complete_steps(out) == [1, 2, 3]
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("killed while writing optimizer.pt")
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(_argv(out, 3, "--resume_from_checkpoint", str(out / "checkpoint-2")))
+    assert _complete_steps(out) == [1, 2]
+    with pytest.warns(IncompleteCheckpointWarning, match="checkpoint-3"):
+        assert Path(resolve_resume_checkpoint("latest", str(out))).name == "checkpoint-2"
