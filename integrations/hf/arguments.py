@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 from transformers.training_args import OptimizerNames
 
 from emo_core import OPTIMIZERS, get_optimizer
@@ -118,6 +119,14 @@ class EmoArgumentsMixin:
             super().__post_init__()
         finally:
             self.optim = name
+        if self.emo_stop_on_signal and self.logging_strategy == IntervalStrategy.NO:
+            raise FlagError(
+                "emo_stop_on_signal",
+                "Invalid emo_stop_on_signal=True with logging_strategy='no': the stop signal "
+                "is read when logs are written (reading it syncs the device) and none are; "
+                "set logging_strategy='steps' (the signal is checked every logging_steps) or "
+                "emo_stop_on_signal=False",
+            )
 
     def set_optimizer(
         self,

@@ -163,6 +163,13 @@ def test_optim_args_from_a_yaml_or_json_config_may_be_a_mapping_or_a_list(tmp_pa
         make_args(tmp_path, optim="emosens", optim_args=3)
 
 
+def test_stop_on_signal_without_logging_is_refused_naming_both_flags(tmp_path):
+    """The signal is read when logs are written; with none written it never stopped."""
+    with pytest.raises(ValueError, match=r"emo_stop_on_signal=True with logging_strategy='no'"):
+        make_args(tmp_path, optim="emosens", emo_stop_on_signal=True, logging_strategy="no")
+    make_args(tmp_path, optim="emosens", emo_stop_on_signal=True, logging_strategy="steps")
+
+
 def test_optim_args_range_errors_come_from_the_optimizer(tmp_path):
     with pytest.raises(ValueError, match="min_lr"):
         make_args(tmp_path, optim="emosens", optim_args="min_lr=1e-2,max_lr=1e-3")
