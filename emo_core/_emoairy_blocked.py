@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._base import CPU_BLOCK, Bucket
+from .averaging import bias_correction
 
 __all__ = ["BLOCK", "TINY", "blocked_emoairy"]
 
@@ -49,7 +50,7 @@ def blocked_emoairy(
     blocked = [i for indices in by_shape.values() for i in indices]
     steps = [bucket.states["step"][i] for i in blocked]
     torch._foreach_add_(steps, [bucket.valid.to(torch.float32)] * len(steps))
-    corrections = 1.0 - beta2 ** torch.stack(steps).clamp(min=1.0)
+    corrections = bias_correction(torch.stack(steps), beta2)
     lr = bucket.step_lr()
     shared = _Shared(
         lr=lr,

@@ -19,6 +19,7 @@ from torch import Tensor
 from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._emoairy_blocked import BLOCK, TINY, blocked_emoairy
 from ._validation import check_range
+from .averaging import bias_correction, foreach_bias_correction
 
 __all__ = ["EmoAiry", "emoairy"]
 
@@ -203,7 +204,7 @@ def _single_tensor_emoairy(
             v_hat = row * col / row.mean().clamp(min=TINY)
         else:
             v_hat = state["exp_avg_sq"].mul_(keep2).add_(square, alpha=1 - beta2).clone()
-        correction = 1.0 - beta2 ** state["step"].clamp(min=1.0)
+        correction = bias_correction(state["step"], beta2)
         v_hat.div_(correction.to(v_hat.dtype))
         update = g / (v_hat.sqrt_() + eps)
         rms = update.square().mean().sqrt()
@@ -226,7 +227,7 @@ def _fusable_statistics(bucket: Bucket, *, beta2: float) -> list[tuple[Tensor, T
     for index, g in enumerate(bucket.grads):
         state = {k: v[index] for k, v in bucket.states.items() if v[index] is not None}
         state["step"].add_(increment)
-        correction = 1.0 - beta2 ** state["step"].clamp(min=1.0)
+        correction = bias_correction(state["step"], beta2)
         if "row_var" in state:
             row, col = state["row_var"], state["col_var"]
             n0 = g.shape[0]
@@ -308,9 +309,7 @@ def _foreach_emoairy(
     # A list of 0-dim tensors, not one: torch.compile reads the scalar-tensor overload on
     # the host (a graph break).
     torch._foreach_add_(steps, [bucket.valid.to(torch.float32)] * len(steps))
-    corrections = torch._foreach_pow(beta2, torch._foreach_clamp_min(steps, 1.0))
-    torch._foreach_neg_(corrections)
-    torch._foreach_add_(corrections, 1.0)
+    corrections = foreach_bias_correction(steps, beta2)
     factored = [i for i, row in enumerate(states.get("row_var", [])) if row is not None]
     full = [i for i, v in enumerate(states.get("exp_avg_sq", [])) if v is not None]
     denoms: list[Tensor | None] = [None] * len(grads)
