@@ -32,6 +32,7 @@ from torch import Tensor
 from ._validation import STATE_DTYPES
 from .distributed import local_shard
 from .precision import default_state_dtype
+from .pulse import HIST_LEN
 from .settle import SETTLE_KEYS
 
 DEFAULTED_KEYS = SETTLE_KEYS | {"steps"}
@@ -54,9 +55,24 @@ BOUNDS: dict[str, dict[str, tuple[float, bool, float, bool]]] = {
         "weight_sum": (0.0, True, float("inf"), False),
         "steps": (0.0, True, float("inf"), True),
     },
+    "emo_pulse": {  # the loss sensor (SPEC §2): what its update can produce
+        "t": (0.0, True, float("inf"), True),
+        "scalar": (-1.0, True, 1.0, False),
+        "trust": (-1.0, True, 1.0, False),
+        "noise": (0.0, True, float("inf"), False),
+        "d": (0.0, True, float("inf"), False),
+        "H": (0.0, True, float("inf"), False),
+        "hist_count": (0.0, True, float(HIST_LEN), True),
+        "pulse": (0.0, False, float("inf"), False),
+        "skipped": (0.0, True, float("inf"), True),
+    },
 }
-"""Values a controller can hold: a scale or LR of 0 or below (which would pin the LR at
-``min_lr`` for good), a negative weight or count, a fractional count are refused on load."""
+SECOND_MOMENTS = ("exp_avg_sq", "row_var", "col_var")
+"""Per-parameter state that is a mean of squares: a negative value is refused on load (its
+square root is nan, written into the parameter by the next finite step)."""
+"""Values the sensor and a controller can hold: a scale, pulse or LR of 0 or below (which
+would pin the LR at ``min_lr`` for good, or step up the gradient), an emotion scalar or trust
+outside [-1, 1], a negative weight or count, a fractional count are refused on load."""
 
 if TYPE_CHECKING:
     from ._base import EmoOptimizer
@@ -125,10 +141,12 @@ def checked_load(opt: EmoOptimizer, state_dict: Any) -> LoadPlan:
     """Validate ``state_dict`` for ``opt`` completely; raise ``ValueError`` or return a plan."""
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
         _fail("expected a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+    if not isinstance(state_dict["state"], Mapping):
+        _fail(f"'state' is a {type(state_dict['state']).__name__}, expected a dict")
     state = dict(state_dict["state"])
     saved_groups = state_dict["param_groups"]
     if not isinstance(saved_groups, (list, tuple)) or not all(
-        isinstance(g, Mapping) and "params" in g for g in saved_groups
+        isinstance(g, Mapping) and isinstance(g.get("params"), list | tuple) for g in saved_groups
     ):
         _fail("param_groups must be a list of dicts with 'params'")
     if len(saved_groups) != len(opt.param_groups):
@@ -258,6 +276,8 @@ def _checked_tensor(where: str, value: Any, template: Tensor, shape_note: str) -
         if template.dim() == 0 and isinstance(value, numbers.Real) and not isinstance(value, bool):
             return torch.tensor(value, dtype=template.dtype)
         _fail(f"{where} is a {type(value).__name__}, expected a tensor")
+    if value.is_meta:
+        _fail(f"{where} is on the meta device (no values); load a state_dict holding values")
     if tuple(value.shape) != tuple(template.shape):
         _fail(f"{where} has shape {tuple(value.shape)} but {shape_note}")
     want, got = _dtype_class(template.dtype), _dtype_class(value.dtype)
@@ -299,6 +319,8 @@ def _checked_param_state(
             f"shape {shape}"
         )
         value = _checked_tensor(where, entry[name], expected, note)
+        if name in SECOND_MOMENTS and value.numel() and bool((local_shard(value) < 0).any()):
+            _fail(f"{where} holds negative values, expected a mean of squares (>= 0)")
         if hasattr(value, "to_local") != is_dtensor and value.dim() > 0:
             kind = "a DTensor" if is_dtensor else "a plain tensor"
             _fail(
@@ -369,8 +391,12 @@ def _checked_meta(saved: Mapping[str, Any], fresh: dict[str, Any]) -> dict[str, 
         value = saved[name]
         if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            _fail(f"{META_KEY}[{name!r}] is {saved[name]!r}, expected an integer >= 0")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Integral)
+            or not 0 <= value < 2**63
+        ):
+            _fail(f"{META_KEY}[{name!r}] is {saved[name]!r}, expected an integer in [0, 2**63)")
         out[name] = int(value)
     out["steps"] = torch.tensor(out["steps"], dtype=fresh["steps"].dtype)
     return out

@@ -131,6 +131,24 @@ CORRUPTIONS: list[tuple[str, Corrupt, str]] = [
         r"param_groups\[0\]: Invalid lr",
     ),
     ("no-emo-entry", _delete("param_groups/0/emo_state"), r"not written by an Emo optimizer"),
+    (  # the LR of a step without a loss: the parameters climbed the gradient
+        "sensor-negative-pulse",
+        _set("emo/emo_pulse/pulse", torch.tensor(-5.0, dtype=torch.float64)),
+        r"emo_pulse\['pulse'\] holds -5\.\.-5, expected values > 0",
+    ),
+    (
+        "sensor-scalar-beyond-tanh",
+        _set("emo/emo_pulse/scalar", torch.tensor(2.0, dtype=torch.float64)),
+        r"emo_pulse\['scalar'\] holds 2\.\.2, expected values >= -1 and <= 1",
+    ),
+    (
+        "sensor-hist-count",
+        _set("emo/emo_pulse/hist_count", torch.tensor(1000)),
+        r"emo_pulse\['hist_count'\] holds 1000",
+    ),
+    ("meta-steps-huge", _set("emo/emo_meta/steps", 2**64), r"emo_meta\['steps'\] is 1844"),
+    ("state-a-list", _set("state", []), r"'state' is a list, expected a dict"),
+    ("group-params-int", _set("param_groups/0/params", 3), r"param_groups must be a list"),
 ]
 
 
@@ -312,3 +330,28 @@ def test_live_state_mutated_to_a_wrong_shape_is_refused_before_the_fused_kernel(
     opt.state[p]["exp_avg_sq"] = torch.zeros(4)
     with pytest.raises(RuntimeError, match=r"state\['exp_avg_sq'\] of shape \(4,\)"):
         opt.step(loss=1.0)
+
+
+@pytest.mark.parametrize(("name", "key"), [("emosens", "exp_avg_sq"), ("emoairy", "row_var")])
+def test_a_negative_second_moment_is_refused_and_changes_nothing(name: str, key: str) -> None:
+    """Its square root is nan, which the next finite step wrote into the parameter."""
+    _, source = _trained(name)
+    saved = source.state_dict()
+    saved["state"][0][key] = -saved["state"][0][key].abs() - 1.0
+    model, opt = _trained(name, steps=2)
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=rf"state\[0\]\['{key}'\] holds negative values"):
+        opt.load_state_dict(saved)
+    assert_same(model.state_dict(), before[0])
+    assert_same(opt.state_dict(), before[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_state_on_the_meta_device_is_refused_by_name(name: str) -> None:
+    _, source = _trained(name)
+    saved = source.state_dict()
+    key = _first_key(name)
+    saved["state"][0][key] = torch.empty_like(saved["state"][0][key], device="meta")
+    _, opt = _trained(name, steps=2)
+    with pytest.raises(ValueError, match=rf"state\[0\]\['{key}'\] is on the meta device"):
+        opt.load_state_dict(saved)
