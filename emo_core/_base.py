@@ -1102,6 +1102,8 @@ class EmoOptimizer(Optimizer):
             else:
                 target.copy_(work)
         for target, work in state_copies:
+            if target.dtype == torch.float16:  # saturate: g² of a finite g can exceed 65504
+                work = work.clamp(-_FP16_MAX, _FP16_MAX)
             target.copy_(work)
 
     def _rounding_seed(self, meta: dict[str, Any], target: Tensor) -> int:
@@ -1241,6 +1243,9 @@ _RANK_STRIDE = 0xC2B2AE3D27D4EB4F
 def _overflow_norm(dtype: torch.dtype) -> float:
     """The smallest 2-norm whose square overflows ``dtype``: sqrt(finfo(dtype).max)."""
     return math.sqrt(torch.finfo(dtype).max)
+
+
+_FP16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass

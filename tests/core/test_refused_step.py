@@ -194,3 +194,23 @@ def test_bias_correction_is_accurate_for_a_beta2_close_to_one(beta2: float) -> N
             matrix.grad = torch.randn(6, 5)
             opt.step(loss=1.0 / (step + 1))
         assert torch.isfinite(vector).all() and torch.isfinite(matrix).all(), optimizer
+
+
+@pytest.mark.parametrize("optimizer", [EmoSens, EmoAiry])
+def test_fp16_state_saturates_instead_of_overflowing(optimizer: type) -> None:
+    """A gradient of 1e4 is far below the skip bound of fp32 math, but its square is above
+    fp16's 65504: the stored state saturates, the parameters stay finite, and the optimizer's
+    own checkpoint still loads (it was refused for holding inf)."""
+    torch.manual_seed(0)
+    matrix, vector = nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))
+    opt = optimizer([matrix, vector], state_dtype=torch.float16)
+    for step in range(3):
+        matrix.grad, vector.grad = torch.full((6, 5), 1e4), torch.full((5,), -1e4)
+        opt.step(loss=1.0 / (step + 1))
+    assert torch.isfinite(matrix).all() and torch.isfinite(vector).all()
+    for state in opt.state.values():
+        for value in state.values():
+            if value.is_floating_point():
+                assert torch.isfinite(value).all()
+    assert opt.telemetry()["skipped_steps"] == 0
+    opt.load_state_dict(opt.state_dict())
