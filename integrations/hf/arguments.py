@@ -11,11 +11,15 @@ transformers' 5e-5 otherwise.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 from transformers.training_args import OptimizerNames
@@ -108,7 +112,7 @@ class EmoArgumentsMixin:
     def __post_init__(self) -> None:
         name = canonical_optim_name(self.optim)
         emo = name in OPTIMIZERS
-        self.learning_rate = self._resolve_learning_rate(self.learning_rate, name, stacklevel=5)
+        self.learning_rate = self._resolve_learning_rate(self.learning_rate, name)
         if not emo:
             self.optim = name
             super().__post_init__()
@@ -137,7 +141,7 @@ class EmoArgumentsMixin:
         """Like ``TrainingArguments.set_optimizer``, also for Emo names (lr default 1.0)."""
         canonical = canonical_optim_name(name)
         emo = canonical in OPTIMIZERS
-        learning_rate = self._resolve_learning_rate(learning_rate, canonical, stacklevel=4)
+        learning_rate = self._resolve_learning_rate(learning_rate, canonical)
         placeholder = _DEFAULT_OPTIM if emo else canonical
         super().set_optimizer(name=placeholder, learning_rate=learning_rate, **kwargs)
         self.optim = canonical if emo else OptimizerNames(canonical)
@@ -174,9 +178,7 @@ class EmoArgumentsMixin:
         probe.close()  # capture_loss=True: do not keep the backward patch for a probe
 
     @classmethod
-    def _resolve_learning_rate(
-        cls, learning_rate: float | None, name: str, stacklevel: int
-    ) -> float:
+    def _resolve_learning_rate(cls, learning_rate: float | None, name: str) -> float:
         if name not in OPTIMIZERS:
             return cls._native_default_lr() if learning_rate is None else learning_rate
         if learning_rate is None:
@@ -187,11 +189,32 @@ class EmoArgumentsMixin:
                 "the learning rate from the loss; learning_rate and the LR scheduler multiply "
                 "it (the logged learning_rate is the LR applied).",
                 UserWarning,
-                stacklevel=stacklevel,  # the line that built the arguments
+                stacklevel=_caller_stacklevel(),  # the line that built the arguments
             )
             return _EMO_DEFAULT_LR
         # learning_rate < 0.1: the optimizer's own guard (emo_core.lr_guard) warns, once.
         return learning_rate
+
+
+_LIBRARY_DIRS = tuple(
+    str(Path(module.__file__).resolve().parent)
+    for module in (sys.modules[__package__], transformers)
+)
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from the function that calls it, of the first frame
+    outside emo_hf, transformers and dataclasses' generated ``__init__``: the user's line,
+    however the arguments were built (directly, ``HfArgumentParser``, ``set_optimizer``,
+    TRL's configs)."""
+    frame, level = sys._getframe(2), 2  # (1: the warning's caller, this function's caller)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        library = filename.startswith("<") or filename == dataclasses.__file__
+        if not library and not str(Path(filename).resolve()).startswith(_LIBRARY_DIRS):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 class EmoTrainingArguments(EmoArgumentsMixin, TrainingArguments):

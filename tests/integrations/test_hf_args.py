@@ -105,6 +105,32 @@ def test_learning_rate_defaults_to_one_for_emo_and_says_so(tmp_path):
     assert args.learning_rate == 1.0
     assert caught[0].filename == __file__  # points at the line that built the arguments
 
+
+def test_the_learning_rate_warning_names_the_users_line_however_the_arguments_are_built(
+    tmp_path,
+):
+    """Directly, through HfArgumentParser, or by set_optimizer: the warning's line is the
+    caller's (a fixed stacklevel named the caller's caller, or ``sys:1`` at module level)."""
+    import inspect
+
+    def caught_line(build) -> int:
+        with pytest.warns(UserWarning, match=r"learning_rate not set") as caught:
+            build()
+        (warning,) = [w for w in caught if "learning_rate not set" in str(w.message)]
+        assert warning.filename == __file__
+        return warning.lineno
+
+    here = inspect.currentframe().f_lineno
+    direct = lambda: EmoTrainingArguments(output_dir=str(tmp_path), optim="emosens")  # noqa: E731
+    parsed = lambda: HfArgumentParser(EmoTrainingArguments).parse_args_into_dataclasses(  # noqa: E731
+        args=["--output_dir", str(tmp_path), "--optim", "emosens"], look_for_args_file=False
+    )
+    args = EmoTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    chosen = lambda: args.set_optimizer("emoairy")  # noqa: E731
+    assert caught_line(direct) == here + 1
+    assert caught_line(parsed) == here + 2
+    assert caught_line(chosen) == here + 6
+
     assert make_args(tmp_path, optim="emosens", learning_rate=0.5).learning_rate == 0.5
     assert make_args(tmp_path, optim="adamw_torch").learning_rate == 5e-5
     parser = HfArgumentParser(EmoTrainingArguments)
