@@ -21,8 +21,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from emo_core import unwrap
 from emo_core.checkpoint import (
     MANIFEST_NAME,
     NO_MANIFEST_WARNING,
@@ -30,6 +32,7 @@ from emo_core.checkpoint import (
     mark_complete,
     verify_resume_checkpoint,
 )
+from emo_core.state_check import EMO_GROUP_KEY
 
 __all__ = ["CheckpointingMixin", "resolve_resume_checkpoint"]
 
@@ -85,6 +88,23 @@ class CheckpointingMixin:
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(checkpoint, *args, **kwargs)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """transformers' load; an Emo optimizer's state met by another optimizer (a resume
+        with another ``--optim``) is one clear error, not that optimizer's bare ``KeyError``."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except (KeyError, ValueError, RuntimeError) as error:
+            owner = _emo_owner(Path(checkpoint) / "optimizer.pt") if checkpoint else None
+            if owner is None or unwrap(self.optimizer) is not None:
+                raise
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)  # (accelerate's wrap)
+            raise ValueError(
+                f"resume_from_checkpoint={checkpoint}: its optimizer.pt was written by {owner}, "
+                f"but this run's optimizer is {type(inner).__name__} ({error!r}). Resume with "
+                f"optim={owner.lower()!r}, or start the new optimizer fresh: load the model from "
+                "the checkpoint folder (from_pretrained) and train without resume_from_checkpoint"
+            ) from None
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         # transformers rotates old checkpoints (save_total_limit) at the end of its own
         # _save_checkpoint, just before the manifest below: a kill in that short window
@@ -101,3 +121,12 @@ class CheckpointingMixin:
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>) are written
         if self.args.should_save and folder.is_dir():
             mark_complete(folder)
+
+
+def _emo_owner(path: Path) -> str | None:
+    """The Emo optimizer that wrote the optimizer state in ``path``, or None."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["param_groups"][0][EMO_GROUP_KEY]["optimizer"]
+    except Exception:  # noqa: BLE001 - any unreadable or non-Emo file: not an Emo state
+        return None

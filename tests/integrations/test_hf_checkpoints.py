@@ -144,3 +144,17 @@ def test_a_checkpoint_folder_saved_again_is_unmarked_while_it_is_rewritten(
     assert _complete_steps(out) == [1, 2]
     with pytest.warns(IncompleteCheckpointWarning, match="checkpoint-3"):
         assert Path(resolve_resume_checkpoint("latest", str(out))).name == "checkpoint-2"
+
+
+def test_an_emo_checkpoint_resumed_with_another_optim_is_one_clear_error(tmp_path: Path) -> None:
+    """torch's AdamW failed on the Emo state with a bare ``KeyError: 'step'``."""
+    out = tmp_path / "out"
+    main(_argv(out, 2))
+    argv = _argv(tmp_path / "other", 3, "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    argv[argv.index("emosens")] = "adamw_torch"
+    with pytest.raises(
+        ValueError,
+        match=r"optimizer.pt was written by EmoSens, but this run's "
+        r"optimizer is AdamW .*optim='emosens'",
+    ):
+        main([*argv, "--learning_rate", "1e-3"])
