@@ -778,11 +778,23 @@ class EmoOptimizer(Optimizer):
             direction_power=self.direction_power,
             settle=not self.average,
             growth=math.inf if self.average else self.growth_limit,
+            multipliers=self._multipliers(sensor["ema_long"]),
         )
         self.emo_state[DISTANCE_STATE_KEY] = state
         # the sensor's one pulse (telemetry, the averaging weights): the largest group's
         top = torch.amax(lr) if lr.numel() else sensor["pulse"]
         sensor["pulse"] = torch.where(valid, top, sensor["pulse"])
+
+    def _multipliers(self, like: Tensor) -> Tensor:
+        """Each group's ``lr`` as one ``[n_groups]`` tensor like ``like`` (a number is
+        multiplied in, a tensor ``lr`` moved over: no host read)."""
+        one = torch.ones((), dtype=like.dtype, device=like.device)
+        return torch.stack(
+            [
+                one * (lr.to(like) if isinstance(lr := group["lr"], Tensor) else lr)
+                for group in self.param_groups
+            ]
+        )
 
     # ------------------------------------------------------------ iterate averaging
     def _advance_average(self, valid: Tensor) -> tuple[Tensor, Tensor]:

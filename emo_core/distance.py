@@ -362,6 +362,10 @@ def init_distance_state(
         "started": torch.zeros((), dtype=torch.bool, device=device),
         "x0": vector(),
         "s": vector(),  # kept multiplied by the sample weights
+        # the sample and each group's lr multiplier at the last step: the displacement is
+        # measured as if lr were 1 (step 3), so lr and schedulers stay plain multipliers
+        "x_prev": vector(),
+        "m_prev": torch.ones(n_groups, dtype=dtype, device=device),
     }
     if direction:
         state.update(m=vector(), v=vector(), k=torch.zeros((), dtype=dtype, device=device))
@@ -435,6 +439,7 @@ def distance_update(
     direction_power: float,
     settle: bool = True,
     growth: float = GROWTH,
+    multipliers: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Advance the controller one step; returns the new state and the base LR of each
     param group (``[n_groups]``; also ``state["lr"]``). Each group has its own scale from
@@ -458,9 +463,18 @@ def distance_update(
             annealing; its state still advances).
         growth: the most ``d`` may grow per step (:data:`GROWTH`; ``math.inf`` under iterate
             averaging, whose bias-corrected moments are not stale early, ``averaging.md``).
+        multipliers: each group's ``lr`` this step (``[n_groups]``; default 1): the applied
+            LR is ``base · lr``, so the parameters moved ``lr`` times as far as the scale
+            alone would have moved them; the displacement is counted in ``lr = 1`` units.
     """
     jolt = outlier_brake(state, loss)
-    x0 = torch.where(state["started"], state["x0"], x)
+    # The last step moved the sample by (x_prev − x), lr_prev times what lr = 1 would have:
+    # the starting point moves by (1/lr_prev − 1)·(x_prev − x), so x0 − x is the distance
+    # at lr = 1 (exactly x0 while lr is 1: the factor is 0; a frozen group, lr 0, moved not).
+    m_prev = state["m_prev"]
+    factor = torch.where(m_prev > 0, 1.0 / m_prev - 1.0, torch.zeros_like(m_prev))
+    shift = (state["x_prev"] - x) * factor[plan.groups].to(x.dtype)
+    x0 = torch.where(state["started"], state["x0"] + shift, x)
     d = state["d"]
     lam = d * d * (1.0 / D0)  # weights ∝ d²: later steps (at the found scale) dominate
     weighted_g = plan.weights * g
@@ -479,6 +493,8 @@ def distance_update(
         "started": state["started"] | valid,
         "x0": torch.where(valid, x0, state["x0"]),
         "s": torch.where(valid, s, state["s"]),
+        "x_prev": torch.where(valid, x, state["x_prev"]),
+        "m_prev": m_prev if multipliers is None else torch.where(valid, multipliers, m_prev),
     }
     scale = out["d"]
     if direction_power:

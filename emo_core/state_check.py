@@ -35,9 +35,10 @@ from .precision import default_state_dtype
 from .pulse import HIST_LEN
 from .settle import SETTLE_KEYS
 
-DEFAULTED_KEYS = SETTLE_KEYS | {"steps"}
+DEFAULTED_KEYS = SETTLE_KEYS | {"steps", "x_prev", "m_prev"}
 """Controller entries a state saved by an earlier version may lack (they load fresh):
-settling's, and the averaging step count (``_base.load_state_dict`` fills that one in)."""
+settling's, the averaging step count (``_base.load_state_dict`` fills that one in), and the
+distance controller's last sample and lr multipliers (fresh: an lr of 1, no shift)."""
 
 BOUNDS: dict[str, dict[str, tuple[float, bool, float, bool]]] = {
     # key -> entry -> (lower bound, lower bound allowed, upper bound, whole numbers only)
@@ -49,6 +50,7 @@ BOUNDS: dict[str, dict[str, tuple[float, bool, float, bool]]] = {
         "l_var": (0.0, True, float("inf"), False),
         "v": (0.0, True, float("inf"), False),
         "k": (0.0, True, float("inf"), True),
+        "m_prev": (0.0, True, float("inf"), False),
     },
     "emo_average": {
         "lr_max": (0.0, True, float("inf"), False),

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from emo_configs import ConfigNotFoundError, resolve_config, shipped_configs
 from emo_core import log_metrics, unwrap
+from emo_core.extras import require_extra
 
 from .checkpointing import (
     CHECKPOINT_PREFIX,
@@ -281,6 +282,9 @@ def _load_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags, with defaults taken from ``--config`` (YAML) and overridden on the command line."""
+    require_extra(
+        "emo_diffusers.train_lora_flow", "diffusers", "yaml", "diffusers", "peft", "accelerate"
+    )
     parser = _parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config is not None:
@@ -641,6 +645,8 @@ def train(setup: TrainingSetup) -> dict[str, Any]:
                     f"{checkpoint} is already at max_train_steps={args.max_train_steps}, "
                     "nothing to do (raise --max_train_steps to train on)"
                 )
+            if setup.emo is not None:  # outputs still missing are written from the average
+                setup.emo.eval()
             return {**setup.history.summary(), "nothing_to_do": True}
     if args.report_to != "none":
         accelerator.init_trackers("emo_lora_flow", config=_tracker_config(args))
@@ -653,27 +659,31 @@ def train(setup: TrainingSetup) -> dict[str, Any]:
     )
     setup.model.train()
     accumulation = args.gradient_accumulation_steps
-    tick = time.perf_counter()
+    tick, timed_steps = time.perf_counter(), 0  # (checkpoint I/O left out of the time)
     while global_step < args.max_train_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         for k in range(accumulation):
             step_loss += train_step(setup, global_step * accumulation + k)
         global_step += 1
+        timed_steps += 1
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
             loss_value = float(step_loss) / accumulation  # the readout syncs, at this cadence
             lr = effective_lr(setup.optimizer)
             now = time.perf_counter()
-            setup.history.record(global_step, loss_value, lr, (now - tick) / args.logging_steps)
-            tick = now
+            # per step since the last record: a checkpoint or the last step can end an
+            # interval early, so divide by the steps timed, not by logging_steps
+            setup.history.record(global_step, loss_value, lr, (now - tick) / timed_steps)
+            tick, timed_steps = now, 0
             logs = {"loss": loss_value, "lr": lr, **log_metrics(setup.optimizer)}
             accelerator.log(logs, step=global_step)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         progress.update(1)
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+            saving = time.perf_counter()
             save_checkpoint(
                 accelerator, Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"
             )
-            tick = time.perf_counter()  # leave checkpoint I/O out of the step time
+            tick += time.perf_counter() - saving  # leave checkpoint I/O out of the step time
     progress.close()
     if setup.emo is not None:  # EmoSens(average=True): sample and save the average
         setup.emo.eval()

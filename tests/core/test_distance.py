@@ -300,6 +300,50 @@ def test_lr_is_a_plain_multiplier_after_everything() -> None:
     assert capped.get_effective_lr()[0] == pytest.approx(0.05e-3)
 
 
+def _scheduled(name: str, factor, steps: int, **kw) -> tuple[list[float], list[float], float]:
+    """:func:`_regression` (solution 1 away) with ``LambdaLR(factor)``: the scale ``d`` and
+    the applied LR per step, and the final loss."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(32, 16, requires_grad=True)
+    true_w = torch.sign(torch.randn(32, 16, generator=gen))
+    opt = OPTIMIZERS[name]([w], **{**DISTANCE, **kw})
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    scales, applied = [], []
+    for _ in range(steps):
+        x = torch.randn(64, 16, generator=gen)
+        loss = ((x @ w.T - x @ true_w.T) ** 2).mean()
+        w.grad = None
+        loss.backward()
+        opt.step(loss=loss.detach())
+        schedule.step()
+        scales.append(float(opt.emo_state["emo_distance"]["d"][0]))
+        applied.append(opt.get_effective_lr()[0])
+    return scales, applied, float(loss)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_warmup_scales_the_applied_lr_not_the_scale_it_finds(name: str) -> None:
+    """The scale is measured from the distance travelled, counted as if ``lr`` were 1: a
+    warmup's small factors used to slow the parameters and with them the estimate (``d`` at
+    step 50 of a 100-step warmup was 1e4x smaller than without one)."""
+    plain, plain_lr, _ = _scheduled(name, lambda step: 1.0, 60)
+    warm, warm_lr, _ = _scheduled(name, lambda step: min(1.0, (step + 1) / 100), 60)
+    assert plain[49] > 100 * D0
+    assert 0.5 < warm[49] / plain[49] < 4.0
+    factor = 50 / 100  # the applied LR of step 50 carries the warmup's factor
+    assert warm_lr[50] == pytest.approx(factor * warm[49] / plain[49] * plain_lr[50], rel=0.5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_small_constant_lr_does_not_stall_the_scale(name: str) -> None:
+    """``lr=0.1``: the parameters move 10x less per step, and the estimate with them; it
+    stayed near D0 for good on EmoAiry and EmoCats (a loss that never fell)."""
+    _, _, start = _scheduled(name, lambda step: 1.0, 1)
+    scales, _, final = _scheduled(name, lambda step: 1.0, 300, lr=0.1)
+    assert scales[-1] > 100 * D0
+    assert final < 0.05 * start
+
+
 def test_state_dicts_saved_with_the_old_scope_key_still_load() -> None:
     p = torch.zeros(3, requires_grad=True)
     opt = EmoSens([p], pulse="v37")

@@ -268,6 +268,26 @@ def test_averaging_trains_and_ends_at_the_average(tmp_path: Path) -> None:
     assert any(moved)
 
 
+def test_a_run_resumed_from_its_final_checkpoint_ends_at_the_average_too(tmp_path: Path) -> None:
+    """Killed after its last checkpoint, before its outputs: the rerun has nothing to train
+    but must still sample and save the average, not the checkpoint's training point."""
+    argv = [
+        *_argv("sd3", tmp_path, "--mixed_precision", "no", "--max_train_steps", "3"),
+        *("--checkpointing_steps", "3", "--optimizer_args", "pulse=distance", "average=True"),
+    ]
+    first = build_training(parse_args(argv))
+    train(first)
+    model = first.accelerator.unwrap_model(first.model)
+    average = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    again = build_training(parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+    assert train(again)["nothing_to_do"]
+    assert not again.emo.training
+    resumed = again.accelerator.unwrap_model(again.model)
+    for name, p in resumed.named_parameters():
+        if name in average:
+            assert torch.equal(p, average[name]), name
+
+
 def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
     from PIL import Image, ImageDraw
 
