@@ -2,8 +2,8 @@
 
 Subcommands::
 
-    emo-bench quality [--quick] [--jobs 2]  # 10 offline workloads x 12 optimizer configs (15
-                                            # with pulse="v37" rows) x seeds
+    emo-bench quality [--quick] [--jobs 2]  # 10 offline workloads x 18 optimizer configs
+                                            # (9 Emo rows, 6 AdamW LRs, 3 lr-free) x seeds
     emo-bench speed   [--quick]   # step time vs torch AdamW, state bytes, host syncs
     emo-bench demo                # quality --quick, then speed --quick (what `make demo` runs)
 
@@ -60,16 +60,10 @@ import torch
 
 from . import report
 from .contenders import ADAMW_SWEEP, quality_contenders
-from .machine import describe_machine, set_threads
+from .machine import RESULTS_DIR, RUNNING_FROM_CLONE, describe_machine, set_threads
 from .workloads import WORKLOADS, get_workloads
 
-__all__ = ["main", "run_quality_command", "run_speed_command"]
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
-# A clone keeps its results next to the code (the committed tables); an installed package
-# must not write into site-packages, so it writes to the working directory instead.
-RUNNING_FROM_CLONE = (_PACKAGE_DIR.parent / "pyproject.toml").is_file()
-RESULTS_DIR = _PACKAGE_DIR / "results" if RUNNING_FROM_CLONE else Path("emo-bench-results")
+__all__ = ["RESULTS_DIR", "RUNNING_FROM_CLONE", "main", "run_quality_command", "run_speed_command"]
 
 
 def _slug(name: str) -> str:
@@ -78,6 +72,28 @@ def _slug(name: str) -> str:
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _usage_error(message: str) -> SystemExit:
+    """A bad flag value found after parsing: said like argparse's own errors (exit 2)."""
+    print(f"emo-bench: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _names(value: str) -> list[str]:
+    """A filter of names: an empty one (an unset shell variable) is refused, not "all"."""
+    names = _csv(value)
+    if not names:
+        raise argparse.ArgumentTypeError(f"empty ({value!r}); leave the flag out for all")
+    return names
+
+
+def _out_folder(value: str) -> Path:
+    """``--out``: checked before any run (a file in its place failed after the whole run)."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a file, expected a folder")
+    return path
 
 
 def _seeds(value: str) -> list[int]:
@@ -129,7 +145,7 @@ def _pick(names: list[str] | None, available: list[str], flag: str) -> list[str]
     missing = [n for n in names if not any(_slug(a).startswith(_slug(n)) for a in available)]
     if missing:
         choices = ", ".join(dict.fromkeys(_slug(a) for a in available))
-        raise SystemExit(f"Invalid {flag}: {', '.join(missing)} (choose from {choices})")
+        raise _usage_error(f"Invalid {flag}: {', '.join(missing)} (choose from {choices})")
     return chosen
 
 
@@ -150,7 +166,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=_out_folder,
         default=None,
         help="results folder (default: emo_bench/results in a clone, ./emo-bench-results when "
         "installed; --quick adds /quick)",
@@ -179,13 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--workloads",
-        type=_csv,
+        type=_names,
         default=None,
         help=f"comma-separated: {', '.join(WORKLOADS)} (default: all)",
     )
     q.add_argument(
         "--optimizers",
-        type=_csv,
+        type=_names,
         default=None,
         help="comma-separated prefixes: emosens, emoairy, emocats, adamw, prodigy, "
         "schedule-free, lion (default: all but lion)",
@@ -199,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = sub.add_parser("speed", help="step time, state bytes and host syncs per optimizer")
     _common(s)
-    s.add_argument("--layouts", type=_csv, default=None, help="dense, lora (default: both)")
+    s.add_argument("--layouts", type=_names, default=None, help="dense, lora (default: both)")
     s.add_argument(
         "--optimizers",
-        type=_csv,
+        type=_names,
         default=None,
         help="comma-separated prefixes, e.g. emosens,adamw (the AdamW references are always kept)",
     )
@@ -211,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=_positive, default=None, help="untimed steps first")
     s.add_argument(
         "--profile",
-        type=_csv,
+        type=_names,
         default=None,
         help="also print a torch.profiler table for these optimizers (e.g. emosens)",
     )
@@ -249,7 +265,7 @@ def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]
     try:
         workloads = get_workloads(getattr(args, "workloads", None))
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise _usage_error(str(err)) from None
     wanted = getattr(args, "optimizers", None)
     contenders = quality_contenders(lion=any(_slug(n).startswith("lion") for n in wanted or []))
     names = _pick(wanted, [c.name for c in contenders], "--optimizers")
@@ -330,7 +346,7 @@ def run_speed_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
     )
 
     if getattr(args, "roofline", False) and args.device.type != "cuda":
-        raise SystemExit("Invalid --roofline: needs --device cuda (HBM bandwidth bound)")
+        raise _usage_error("Invalid --roofline: needs --device cuda (HBM bandwidth bound)")
     entries = speed_entries(quick, args.device)
     if getattr(args, "compile", False):
         entries += compiled_entries()

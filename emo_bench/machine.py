@@ -32,9 +32,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# A clone keeps its results next to the code (the committed tables); an installed package
+# must not write into site-packages, so it writes to the working directory instead.
+RUNNING_FROM_CLONE = (_PACKAGE_DIR.parent / "pyproject.toml").is_file()
+RESULTS_DIR = _PACKAGE_DIR / "results" if RUNNING_FROM_CLONE else Path("emo-bench-results")
+
+
 def _source_revision() -> str:
-    """``git`` commit of the checkout the benchmark runs from, ``+dirty`` if edited."""
-    root = Path(__file__).resolve().parent.parent
+    """``git`` commit of the checkout the benchmark runs from, ``+dirty`` if edited; an
+    installed package is no checkout ("installed"; a virtualenv inside the user's own
+    repository would otherwise report that repository's commit)."""
+    root = _PACKAGE_DIR.parent
+    if not RUNNING_FROM_CLONE:
+        return "installed"
 
     def git(*args: str) -> str:
         return subprocess.run(

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from emo_core import get_optimizer
 
-from .machine import describe_machine, machine_line, set_threads
+from .machine import RESULTS_DIR, describe_machine, machine_line, set_threads
 from .workloads.digits import BATCH, load_digits_split
 
 __all__ = ["PRECISIONS", "main", "train"]
@@ -46,7 +46,7 @@ PRECISIONS = {
     "bf16 + SR": (torch.bfloat16, True),
     "bf16 RTN": (torch.bfloat16, False),
 }
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "precision.md"
+DEFAULT_OUT = RESULTS_DIR / "precision.md"  # (an installed package: the working directory)
 
 
 def train(name: str, precision: str, seed: int, steps: int) -> dict[str, float]:

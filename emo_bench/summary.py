@@ -175,6 +175,13 @@ def reference_path(reference: str | Path) -> Path:
 def load_reference(reference: str | Path = "stored") -> dict[str, StoredTuned]:
     """Tuned-AdamW rows (and the steps they ran) per workload from a ``quality.json``."""
     path = reference_path(reference)
+    if reference == "stored" and not path.is_file():
+        raise FileNotFoundError(
+            f"Invalid reference='stored': the stored tuned-AdamW numbers ({path.name}) come "
+            "with a clone of the repository, not with the installed package; pass "
+            "reference='measure' to run the AdamW sweep here, or reference=PATH to a "
+            "quality.json written by emo-bench quality"
+        )
     doc = json.loads(path.read_text(encoding="utf-8"))
     steps = doc["settings"]["steps"]
     out = {}

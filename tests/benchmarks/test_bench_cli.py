@@ -169,12 +169,16 @@ def test_demo_runs_quick_quality_then_quick_speed(monkeypatch, capsys, tmp_path)
         (["quality", "--seeds", "a,b"], "Invalid --seeds"),
         (["speed", "--layouts", "conv"], "Invalid --layouts: conv"),
         (["speed", "--roofline"], "Invalid --roofline: needs --device cuda"),
+        (["quality", "--workloads", ","], "argument --workloads: empty"),  # ($EMPTY,)
+        (["speed", "--optimizers", ""], "argument --optimizers: empty"),
+        (["quality", "--out", __file__], "argument --out: "),  # a file: before any run
     ],
 )
 def test_bad_arguments_name_the_flag(argv: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit) as err:
         cli.main([*argv, "--no-progress"])
-    text = str(err.value) + capsys.readouterr().err
+    assert err.value.code == 2  # like argparse's own errors
+    text = capsys.readouterr().err
     assert message in text
 
 
@@ -213,3 +217,17 @@ def test_compare_scores_a_factory_against_a_stored_tuned_adamw(tmp_path: Path, c
     assert "| SGD | " in str(result) and str(path) in str(result)
     with pytest.raises(ValueError, match="no stored tuned AdamW for conv"):
         compare(sgd, workloads=["conv"], seeds=[0], reference=path)
+
+
+def test_an_installed_package_has_no_stored_reference_and_says_what_to_pass(
+    tmp_path, monkeypatch
+) -> None:
+    """The wheel ships no results: compare()'s default reference says what to pass instead
+    of a bare FileNotFoundError; the machine line does not read a surrounding repository."""
+    from emo_bench import machine, summary
+
+    monkeypatch.setattr(summary, "RESULTS_JSON", tmp_path / "quality.json")
+    with pytest.raises(FileNotFoundError, match=r"reference='measure'.*reference=PATH"):
+        summary.load_reference("stored")
+    monkeypatch.setattr(machine, "RUNNING_FROM_CLONE", False)
+    assert machine._source_revision() == "installed"
