@@ -335,6 +335,26 @@ def test_a_warmup_scales_the_applied_lr_not_the_scale_it_finds(name: str) -> Non
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_state_saved_before_the_lr_units_existed_resumes_exactly(name: str) -> None:
+    """Without ``x_prev``/``m_prev`` a state loads as if the last step's ``lr`` was 1; at
+    ``lr = 1`` the shift is 0, so the run continues bitwise as if never interrupted."""
+    ref_model, model = small_model(), small_model()
+    ref = OPTIMIZERS[name](ref_model.parameters(), **DISTANCE)
+    opt = OPTIMIZERS[name](model.parameters(), **DISTANCE)
+    train_scripted(ref_model, ref, range(12))
+    train_scripted(model, opt, range(6))
+    saved = copy.deepcopy(opt.state_dict())
+    controller = saved["param_groups"][0]["emo_state"]["emo_distance"]
+    del controller["x_prev"], controller["m_prev"]
+    fresh_model = small_model(seed=3)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = OPTIMIZERS[name](fresh_model.parameters(), **DISTANCE)
+    fresh.load_state_dict(saved)
+    train_scripted(fresh_model, fresh, range(6, 12))
+    assert_same(fresh_model.state_dict(), ref_model.state_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_a_small_constant_lr_does_not_stall_the_scale(name: str) -> None:
     """``lr=0.1``: the parameters move 10x less per step, and the estimate with them; it
     stayed near D0 for good on EmoAiry and EmoCats (a loss that never fell)."""
