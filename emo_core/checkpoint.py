@@ -42,6 +42,7 @@ __all__ = [
     "find_latest_checkpoint",
     "find_latest_file",
     "mark_complete",
+    "saved_optimizer_name",
     "staging_path",
     "NO_MANIFEST_WARNING",
     "verify_checkpoint",
@@ -351,3 +352,16 @@ def find_latest_file(
     }
     ordered = sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
     return _newest_valid(ordered, verify_file)
+
+
+def saved_optimizer_name(path: str | Path) -> str | None:
+    """The Emo optimizer whose ``state_dict()`` the file ``path`` holds (``"EmoSens"``), or
+    None for any other file: an adapter resuming with another optimizer names it in its
+    error instead of that optimizer's bare ``KeyError``."""
+    import torch  # (this module reads files; torch only for this one)
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return str(saved["param_groups"][0]["emo_state"]["optimizer"])
+    except Exception:  # noqa: BLE001 - unreadable, or not an Emo optimizer's state
+        return None

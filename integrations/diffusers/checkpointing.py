@@ -23,10 +23,12 @@ from typing import Any
 
 from torch import nn
 
+from emo_core import unwrap
 from emo_core.checkpoint import (
     NO_MANIFEST_WARNING,
     commit_directory,
     find_latest_checkpoint,
+    saved_optimizer_name,
     staging_path,
     verify_resume_checkpoint,
 )
@@ -139,4 +141,14 @@ def load_checkpoint(accelerator: Any, directory: str | Path) -> None:
     """
     if not verify_resume_checkpoint(directory):
         logger.warning(NO_MANIFEST_WARNING, directory)
+    if not any(unwrap(opt) is not None for opt in accelerator._optimizers):
+        # another optimizer would take an Emo state's groups and fail later, with a bare
+        # KeyError (AdamW at load, Prodigy at its first step)
+        owner = saved_optimizer_name(Path(directory) / "optimizer.bin")
+        if owner is not None:
+            raise ValueError(
+                f"Invalid --resume_from_checkpoint: {directory} holds the state of {owner}, "
+                f"but this run's --optimizer is another; resume with --optimizer "
+                f"{owner.lower()}, or start a new --output_dir"
+            )
     accelerator.load_state(str(directory))

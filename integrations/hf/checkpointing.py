@@ -21,7 +21,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from emo_core import unwrap
@@ -30,9 +29,9 @@ from emo_core.checkpoint import (
     NO_MANIFEST_WARNING,
     find_latest_checkpoint,
     mark_complete,
+    saved_optimizer_name,
     verify_resume_checkpoint,
 )
-from emo_core.state_check import EMO_GROUP_KEY
 
 __all__ = ["CheckpointingMixin", "resolve_resume_checkpoint"]
 
@@ -94,7 +93,7 @@ class CheckpointingMixin:
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except (KeyError, ValueError, RuntimeError) as error:
-            owner = _emo_owner(Path(checkpoint) / "optimizer.pt") if checkpoint else None
+            owner = saved_optimizer_name(Path(checkpoint) / "optimizer.pt") if checkpoint else None
             if owner is None or unwrap(self.optimizer) is not None:
                 raise
             inner = getattr(self.optimizer, "optimizer", self.optimizer)  # (accelerate's wrap)
@@ -121,12 +120,3 @@ class CheckpointingMixin:
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>) are written
         if self.args.should_save and folder.is_dir():
             mark_complete(folder)
-
-
-def _emo_owner(path: Path) -> str | None:
-    """The Emo optimizer that wrote the optimizer state in ``path``, or None."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        return saved["param_groups"][0][EMO_GROUP_KEY]["optimizer"]
-    except Exception:  # noqa: BLE001 - any unreadable or non-Emo file: not an Emo state
-        return None

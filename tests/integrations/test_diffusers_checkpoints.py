@@ -131,3 +131,16 @@ def test_damaged_checkpoint_file_is_one_clear_error(
 
     with pytest.raises(CorruptCheckpointError, match=f"resume_from_checkpoint.*{name}"):
         main(_argv(out, base, 2, "--resume_from_checkpoint", str(checkpoint)))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+def test_an_emo_checkpoint_resumed_with_another_optimizer_is_one_clear_error(
+    tmp_path: Path, optimizer: str
+) -> None:
+    """AdamW failed with a bare ``KeyError: 'step'`` at load, Prodigy with one at its first
+    step (it had taken the Emo state's param groups)."""
+    out, base = tmp_path / "out", tmp_path / "base"
+    main(_argv(out, base, 2, "--checkpointing_steps", "2"))
+    argv = _argv(tmp_path / "other", base, 4, "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    with pytest.raises(ValueError, match=r"holds the state of EmoSens.*--optimizer emosens"):
+        main([*argv, "--optimizer", optimizer])
