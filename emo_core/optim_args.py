@@ -81,7 +81,10 @@ def parse_optim_args(
         return {}
     reserved = reserved or {}
     if isinstance(entries, Mapping):
-        pairs = [(str(k), v, repr(v)) for k, v in entries.items()]
+        # A string value is read like a key=value entry's: YAML 1.1 leaves "3e-3" a string
+        pairs = [
+            (str(k), _literal(v) if isinstance(v, str) else v, repr(v)) for k, v in entries.items()
+        ]
     else:
         items = _split_top_level(entries) if isinstance(entries, str) else list(entries)
         pairs = [_key_value(entry, option) for entry in items if entry.strip()]
@@ -115,11 +118,16 @@ def _key_value(entry: str, option: str) -> tuple[str, Any, str]:
             f"Invalid {option} entry {entry.strip()!r}: expected key=value, "
             'e.g. "use_shadow=True" or "betas=(0.9,0.99)"'
         )
+    return key, _literal(raw), repr(raw)
+
+
+def _literal(raw: str) -> Any:
+    """A Python literal (``3e-3``, ``(0.9, 0.99)``, ``True``), or the text itself for bare
+    words (``state_dtype=bfloat16``, ``pulse=distance``)."""
     try:
-        value = ast.literal_eval(raw)
+        return ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):
-        value = raw  # bare words, e.g. state_dtype=bfloat16
-    return key, value, repr(raw)
+        return raw
 
 
 def _split_top_level(text: str) -> list[str]:

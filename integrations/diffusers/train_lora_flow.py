@@ -270,6 +270,10 @@ def _load_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     for key in ("lora_layers", "pretrain_classes", "train_classes"):
         if isinstance(data.get(key), list):  # a YAML list of names
             data[key] = ",".join(map(str, data[key]))
+        elif isinstance(data.get(key), int | float) and not isinstance(data[key], bool):
+            data[key] = str(data[key])  # one name: `train_classes: 7` (0 is class 0, not "all")
+    if data.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
+        data["mixed_precision"] = "no"
     if data.get("optimizer_args") is not None and not isinstance(
         data["optimizer_args"], dict | list
     ):
@@ -309,9 +313,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resolution must be an even number >= 2, got {args.resolution}")
     if args.transformer_config is not None and not isinstance(args.transformer_config, dict):
         parser.error("--transformer_config must be a JSON object / YAML mapping")
-    for name in ("pretrain_batch_size", "eval_samples_per_class"):
+    for name in (
+        "pretrain_batch_size",
+        "eval_samples_per_class",
+        "samples_per_class",  # (0 trained the whole run, then failed in sampling)
+        "num_inference_steps",  # (0 "sampled" pure noise)
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.scheduler_shift > 0:  # (0: every sigma 0, training on clean images)
+        parser.error(f"--scheduler_shift must be > 0, got {args.scheduler_shift}")
+    if not args.logit_std >= 0:
+        parser.error(f"--logit_std must be >= 0, got {args.logit_std}")
     if args.pretrain_steps < 0:
         parser.error(f"--pretrain_steps must be >= 0, got {args.pretrain_steps}")
     try:

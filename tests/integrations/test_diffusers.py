@@ -110,6 +110,33 @@ def test_unknown_optimizer_is_a_clear_error(capsys: pytest.CaptureFixture[str]) 
     assert "invalid choice" in err and "emosens" in err and "prodigy" in err
 
 
+def test_yaml_scalars_mean_what_they_say(tmp_path: Path) -> None:
+    """``train_classes: 7`` is class 7 (it crashed), ``pretrain_classes: 0`` is class 0 (it
+    meant all), ``mixed_precision: no`` is "no" (YAML 1.1 reads it as false)."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train_classes: 7\npretrain_classes: 0\nmixed_precision: no\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.train_classes, args.pretrain_classes) == ("7", "0")
+    assert args.mixed_precision == "no"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--samples_per_class", "0"),
+        ("--num_inference_steps", "0"),
+        ("--scheduler_shift", "0"),
+        ("--logit_std", "-1"),
+    ],
+)
+def test_a_bad_value_is_refused_before_training(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args([flag, value])
+    assert f"{flag} must be" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [

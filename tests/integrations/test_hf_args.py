@@ -185,6 +185,11 @@ def test_optim_args_from_a_yaml_or_json_config_may_be_a_mapping_or_a_list(tmp_pa
         "use_shadow": True,
         "betas": (0.9, 0.99),
     }
+    # YAML 1.1 reads 3e-3 (no dot) as a string: it is read like a key=value entry's value
+    assert parse_optim_args({"max_lr": "3e-3", "pulse": "distance"}, EmoSens) == {
+        "max_lr": 0.003,
+        "pulse": "distance",
+    }
     with pytest.raises(ValueError, match=r"Invalid optim_args: 3 \(expected a string"):
         make_args(tmp_path, optim="emosens", optim_args=3)
 
