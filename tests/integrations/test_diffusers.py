@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -313,6 +314,28 @@ def test_a_run_resumed_from_its_final_checkpoint_ends_at_the_average_too(tmp_pat
     for name, p in resumed.named_parameters():
         if name in average:
             assert torch.equal(p, average[name]), name
+
+
+def test_seconds_per_step_are_per_step_whatever_ends_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step takes at least 0.3 s: each record says so, also for an interval a
+    checkpoint or the last step cut short (they divided by logging_steps: 3x too fast)."""
+    import emo_diffusers.train_lora_flow as script
+
+    step = script.train_step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.3)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(script, "train_step", slow_step)
+    argv = _argv("sd3", tmp_path, "--mixed_precision", "no", "--max_train_steps", "7")
+    args = parse_args([*argv, "--logging_steps", "3", "--checkpointing_steps", "2"])
+    setup = build_training(args)
+    train(setup)
+    seconds = setup.history.seconds
+    assert len(seconds) == 3 and min(seconds) >= 0.3, seconds
 
 
 def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
