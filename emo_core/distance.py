@@ -336,6 +336,10 @@ def _strided(t: Tensor, piece: _Piece, eager: bool) -> Tensor:
     return t.reshape(-1)[piece.start : end : piece.stride]
 
 
+MAX_LR_UNITS = 100.0
+"""The most a step's displacement is scaled up to count it in ``lr = 1`` units (step 3)."""
+
+
 def init_distance_state(
     size: int,
     n_groups: int,
@@ -471,8 +475,10 @@ def distance_update(
     # The last step moved the sample by (x_prev − x), lr_prev times what lr = 1 would have:
     # the starting point moves by (1/lr_prev − 1)·(x_prev − x), so x0 − x is the distance
     # at lr = 1 (exactly x0 while lr is 1: the factor is 0; a frozen group, lr 0, moved not).
+    # At most 100x: below lr = 0.01 the step is within rounding of the parameters, and
+    # amplifying it further would count their rounding as distance.
     m_prev = state["m_prev"]
-    factor = torch.where(m_prev > 0, 1.0 / m_prev - 1.0, torch.zeros_like(m_prev))
+    factor = torch.where(m_prev > 0, torch.clamp(1.0 / m_prev, max=MAX_LR_UNITS) - 1.0, 0.0)
     shift = (state["x_prev"] - x) * factor[plan.groups].to(x.dtype)
     x0 = torch.where(state["started"], state["x0"] + shift, x)
     d = state["d"]
