@@ -25,7 +25,8 @@ from emo_core import EmoAiry, EmoCats, EmoSens
 
 OPTIMIZERS = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
 # The distance controller too (its sample spans the shards). It starts at 1e-6 and lr
-# multiplies what it finds: lr=1e3 makes STEPS steps move bf16 parameters measurably.
+# multiplies what it finds: lr=1e3 makes STEPS steps move bf16 parameters measurably (the
+# scale itself grows as at lr=1: the distance is counted in lr=1 units).
 OPTIMIZERS.update(
     {
         f"{name}-distance": functools.partial(cls, pulse="distance", lr=1e3)
@@ -112,6 +113,14 @@ def compare_with_ddp(name: str, mesh: DeviceMesh) -> dict[str, Any]:
         "param_shapes": [list(p.shape) for p in params],
         "lrs": lrs,
         "ref_lr": ref.get_effective_lr(),
+        # the distance controller's numerator (its sample of x0 − x and g, summed) per
+        # group, sharded and replicated: equal only if the sample spans the shards
+        "num": opt.emo_state["emo_distance"]["num"].tolist()
+        if "emo_distance" in opt.emo_state
+        else None,
+        "ref_num": ref.emo_state["emo_distance"]["num"].tolist()
+        if "emo_distance" in ref.emo_state
+        else None,
         "skipped": opt.telemetry()["skipped_steps"],
     }
 

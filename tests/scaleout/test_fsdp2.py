@@ -10,7 +10,6 @@ import json
 import pytest
 import torch.multiprocessing as mp
 
-from emo_core.distance import D0
 from tests.scaleout import _fsdp_worker
 
 NAMES = tuple(_fsdp_worker.OPTIMIZERS)
@@ -35,7 +34,10 @@ def test_fsdp2_equals_ddp(report: dict, name: str) -> None:
     assert compare["lrs"][0] == compare["lrs"][1]  # every rank at the same LR
     if name.endswith("-distance"):  # estimated from the parameters: DDP's up to rounding
         assert compare["lrs"][0] == pytest.approx(compare["ref_lr"], rel=1e-5)
-        assert compare["lrs"][0][0] > 1e3 * D0, "the scale did not grow"
+        # (the scale grows as at lr=1, so in STEPS steps it may still be D0 on both: the
+        # distance it has summed is what must agree, and be there)
+        assert compare["num"] == pytest.approx(compare["ref_num"], rel=1e-4)
+        assert compare["num"][0] > 0, "the sample read no distance"
     else:
         assert compare["lrs"][0] == compare["ref_lr"]
     assert compare["skipped"] == 0
