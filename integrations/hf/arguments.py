@@ -12,6 +12,7 @@ transformers' 5e-5 otherwise.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -197,7 +198,7 @@ class EmoArgumentsMixin:
 
 
 _LIBRARY_DIRS = tuple(
-    str(Path(module.__file__).resolve().parent)
+    str(Path(module.__file__).resolve().parent) + os.sep
     for module in (sys.modules[__package__], transformers)
 )
 
