@@ -925,9 +925,7 @@ class EmoOptimizer(Optimizer):
                 self._init_full_state(p, group, dtype)
             elif group["use_shadow"] and "shadow" not in state:  # use_shadow turned on
                 created.append((state, "shadow"))
-                state["shadow"] = (
-                    _real(p).detach().to(default_state_dtype(dtype, self.state_dtype), copy=True)
-                )
+                state["shadow"] = self._new_shadow(p, dtype)
         real = dtype is not originals[0].dtype
         self._check_state_shapes(originals, per_param, real)
         grads = [p.grad for p in originals]
@@ -1006,11 +1004,13 @@ class EmoOptimizer(Optimizer):
         self._write_back(param_copies, state_copies, device, meta)
 
     def _init_full_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> None:
-        state_dtype = default_state_dtype(dtype, self.state_dtype)
-        real = _real(p)
-        self._init_state(real, self.state[p], state_dtype)
+        self._init_state(_real(p), self.state[p], default_state_dtype(dtype, self.state_dtype))
         if group["use_shadow"]:
-            self.state[p]["shadow"] = real.detach().to(state_dtype, copy=True)
+            self.state[p]["shadow"] = self._new_shadow(p, dtype)
+
+    def _new_shadow(self, p: Tensor, dtype: torch.dtype) -> Tensor:
+        """A shadow copy of ``p`` (its real view), in the state dtype (SPEC §4)."""
+        return _real(p).detach().to(default_state_dtype(dtype, self.state_dtype), copy=True)
 
     def _layout_keys(self) -> tuple[str, ...]:
         """The state keys, shaped like their parameter, that a kernel of the subclass pairs

@@ -59,17 +59,20 @@ def bias_correction(steps: Tensor, beta2: float) -> Tensor:
     """``1 − β2^k`` for ``k = max(steps, 1)``, in the steps' dtype, as ``−expm1(k·ln β2)``
     with ``ln β2`` in double: ``β2^k`` in fp32 rounds a ``β2`` within 6e-8 of 1 to 1.0 (a
     correction of 0, so nan or inf steps) and is 9% off at ``β2 = 0.9999999``."""
-    log_beta2 = math.log(beta2) if beta2 > 0 else -math.inf
-    return -torch.expm1(torch.clamp(steps, min=1.0) * log_beta2)
+    return -torch.expm1(torch.clamp(steps, min=1.0) * _log(beta2))
 
 
 def foreach_bias_correction(steps: list[Tensor], beta2: float) -> list[Tensor]:
     """:func:`bias_correction` of each tensor of ``steps`` (multi-tensor kernels)."""
-    log_beta2 = math.log(beta2) if beta2 > 0 else -math.inf
-    corrections = torch._foreach_mul(torch._foreach_clamp_min(steps, 1.0), log_beta2)
+    corrections = torch._foreach_mul(torch._foreach_clamp_min(steps, 1.0), _log(beta2))
     torch._foreach_expm1_(corrections)
     torch._foreach_neg_(corrections)
     return corrections
+
+
+def _log(beta2: float) -> float:
+    """``ln β2`` in double (``−inf`` for ``β2 = 0``: a correction of 1 from the first step)."""
+    return math.log(beta2) if beta2 > 0 else -math.inf
 
 
 def inverse_bias_correction(steps: Tensor, beta2: float) -> Tensor:

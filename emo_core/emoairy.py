@@ -9,6 +9,7 @@ applied as ``p ← p·(1 − wd·lr) − lr·u``. Matrices cost about 0 bytes of
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -89,7 +90,7 @@ class EmoAiry(EmoOptimizer):
     def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if p.dim() >= 2:
-            state["row_var"] = p.new_zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dtype)
+            state["row_var"] = p.new_zeros(dict(_state_shapes(p.shape))["row_var"], dtype=dtype)
             state["col_var"] = _column_statistic(p, dtype)
         else:
             state["exp_avg_sq"] = torch.zeros_like(
@@ -101,19 +102,18 @@ class EmoAiry(EmoOptimizer):
     ) -> None:
         """Factored state must still fit its parameter (``p.data`` replaced by a tensor of
         another shape): refused by name before the step changes anything."""
-        for index, (p, state) in enumerate(zip(params, states)):
-            p = torch.view_as_real(p) if real else p  # (complex: the state of its real view)
-            shape = p.shape
-            if p.dim() >= 2:
-                expected = {
-                    "row_var": (shape[0],) + (1,) * (p.dim() - 1),
-                    "col_var": (1, *shape[1:]),
-                }
-            else:
-                expected = {"exp_avg_sq": tuple(shape)}
-            for key, want in expected.items():
+        shapes = [(torch.view_as_real(p) if real else p).shape for p in params]
+        wanted = [_state_shapes(shape) for shape in shapes]
+        if all(
+            key in state and state[key].shape == want
+            for state, expected in zip(states, wanted)
+            for key, want in expected
+        ):
+            return  # (this runs every step on every tensor)
+        for index, (shape, state, expected) in enumerate(zip(shapes, states, wanted)):
+            for key, want in expected:
                 got = state.get(key)
-                if got is None or tuple(got.shape) != want:
+                if got is None or got.shape != want:
                     raise RuntimeError(
                         f"EmoAiry: state[{key!r}] of shape "
                         f"{None if got is None else tuple(got.shape)} does not fit its parameter "
@@ -131,6 +131,15 @@ class EmoAiry(EmoOptimizer):
             clip_threshold=group["clip_threshold"],
             weight_decay=group["weight_decay"],
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _state_shapes(shape: torch.Size) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``(key, shape)`` of the state of a parameter of ``shape``: a matrix (or higher) keeps
+    factored row and column statistics, a vector or scalar a full ``v``."""
+    if len(shape) >= 2:
+        return (("row_var", (shape[0],) + (1,) * (len(shape) - 1)), ("col_var", (1, *shape[1:])))
+    return (("exp_avg_sq", tuple(shape)),)
 
 
 def _column_statistic(p: Tensor, dtype: torch.dtype) -> Tensor:

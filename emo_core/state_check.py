@@ -69,12 +69,13 @@ BOUNDS: dict[str, dict[str, tuple[float, bool, float, bool]]] = {
         "skipped": (0.0, True, float("inf"), True),
     },
 }
-SECOND_MOMENTS = ("exp_avg_sq", "row_var", "col_var")
-"""Per-parameter state that is a mean of squares: a negative value is refused on load (its
-square root is nan, written into the parameter by the next finite step)."""
 """Values the sensor and a controller can hold: a scale, pulse or LR of 0 or below (which
 would pin the LR at ``min_lr`` for good, or step up the gradient), an emotion scalar or trust
 outside [-1, 1], a negative weight or count, a fractional count are refused on load."""
+
+SECOND_MOMENTS = ("exp_avg_sq", "row_var", "col_var")
+"""Per-parameter state that is a mean of squares: a negative value is refused on load (its
+square root is nan, written into the parameter by the next finite step)."""
 
 if TYPE_CHECKING:
     from ._base import EmoOptimizer

@@ -9,14 +9,11 @@ trainer.train()
 ```
 """
 
-try:
-    import transformers  # noqa: F401
-except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "emo_hf needs transformers and accelerate: pip install 'emo-optim[hf]'"
-    ) from error
+from emo_core.extras import require_extra
 
-from .arguments import (
+require_extra("emo_hf", "hf", "transformers", "accelerate")
+
+from .arguments import (  # noqa: E402
     EMO_OPTIM_NAMES,
     EmoArgumentsMixin,
     EmoTrainingArguments,
@@ -24,8 +21,8 @@ from .arguments import (
     emo_arguments,
     emo_optim_name,
 )
-from .optim_args import optimizer_keywords, parse_optim_args
-from .trainer import EmoTrainer, EmoTrainerMixin
+from .optim_args import optimizer_keywords, parse_optim_args  # noqa: E402
+from .trainer import EmoTrainer, EmoTrainerMixin  # noqa: E402
 
 __all__ = [
     "EMO_OPTIM_NAMES",

@@ -25,7 +25,11 @@ def test_require_extra_names_the_missing_module_and_the_pip_command() -> None:
 
 @pytest.mark.parametrize(
     ("package", "blocked", "extra"),
-    [("emo_lightning", "lightning", "lightning"), ("emo_bench", "tqdm", "bench")],
+    [
+        ("emo_lightning", "lightning", "lightning"),
+        ("emo_hf", "transformers", "hf"),
+        ("emo_bench", "tqdm", "bench"),
+    ],
 )
 def test_importing_an_adapter_without_its_dependency_says_which_extra(
     package: str, blocked: str, extra: str
