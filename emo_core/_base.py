@@ -34,10 +34,11 @@ from torch.optim import Optimizer
 
 from . import capture, state_check
 from ._validation import as_bool, as_float_dtype, as_int, check_lr, check_range, loss_to_tensor
-from .averaging import average_weight, init_average_state, to_average_, to_train_
+from .averaging import average_weight, fold_average_, fold_due, init_average_state
 from .distance import (
     D0,
     GROWTH,
+    SamplePlan,
     distance_update,
     gather_sample,
     init_distance_state,
@@ -106,9 +107,10 @@ class Bucket:
     ``params``, ``grads`` and the ``states`` lists are in the compute dtype (fp32 for half
     parameters); ``lr`` is the effective LR and ``valid`` the step's finite flag, both 0-dim
     on the bucket's device. An update rule must leave every tensor bitwise unchanged when
-    ``valid`` is False. ``mix`` is the averaging weight ``c`` of ``average=True``
-    (``averaging.py``; 0 on a skipped step) and ``average_steps`` the valid steps counted so
-    far (this one included), both None without averaging.
+    ``valid`` is False. ``mix`` is the fold weight ``C`` of ``average=True``
+    (``averaging.py``; 0 on a skipped step and between folds) and ``average_steps`` the
+    valid steps counted so far (this one included), both None without averaging; ``fold``
+    says whether this step folds (the base class runs the fold after the update rule).
     """
 
     params: list[Tensor]
@@ -120,6 +122,7 @@ class Bucket:
     impl: str
     mix: Tensor | None = None
     average_steps: Tensor | None = None
+    fold: bool = False
 
     def masked_grads(self) -> list[Tensor]:
         """Gradients with every element zeroed on a skipped step (so 0 * grad stays 0)."""
@@ -357,7 +360,7 @@ class EmoOptimizer(Optimizer):
         # LightningOptimizer copy this object's __dict__, so rebinding an attribute on the
         # wrapper would be invisible to the optimizer.
         self._pending: dict[str, Any] = {"sum": None, "count": 0}
-        self._flags: dict[str, Any] = {"warned_no_loss": False, "eval_mode": False}
+        self._flags: dict[str, Any] = {"warned_no_loss": False, "eval_mode": False, "calls": 0}
         self._plan: dict[str, Any] = {"plan": None, "layout": None}
         super().__init__(params, defaults)
         # The loss sensor and the step counter: optimizer-wide, so not in ``self.state``, which
@@ -569,9 +572,10 @@ class EmoOptimizer(Optimizer):
 
         meta = self.emo_state[META_STATE_KEY]
         meta["steps"] += 1
+        fold = self._count_call(meta) if self.average else False
         self._rounding_streams = 0  # stochastic rounding: one noise stream per bucket
         # (no gradient at all: nothing steps, so no averaging weight is spent)
-        average = self._advance_average(valid) if self.average and has_grads else None
+        average = self._advance_average(valid, fold) if self.average and has_grads else None
         for group, plan in zip(self.param_groups, plans):
             for prepared in plan:
                 self._step_bucket(group, prepared, valid, meta, average)
@@ -749,20 +753,38 @@ class EmoOptimizer(Optimizer):
         return cache["plan"]
 
     def _distance_sample(self) -> tuple[Tensor, Tensor]:
-        sensor = self._sensor["ema_long"]
-        # With averaging the distance is that of the stepped sequence z (the parameters
-        # hold the interpolation y); before the first step z is the parameter itself.
-        source = self._stepped_point if self.average else None
+        device = self._sensor["ema_long"].device
         plan = self._distance_plan()
         views = self._plan["views"]
-        x, g = gather_sample(plan, self.param_groups, sensor.device, source, views)
+        x, g = gather_sample(plan, self.param_groups, device, None, views)
+        if self.average:  # the distance is that of the stepped sequence z
+            x = self._stepped_sample(plan, x, device)
         # maximize: the update descends along -g, so the distance is measured along it too
         return (x, -g) if self.maximize else (x, g)
 
-    def _stepped_point(self, p: Tensor) -> Tensor:
-        """``z`` of ``p`` (complex: its real view, as sampled), or ``p`` before it exists."""
+    def _stepped_sample(self, plan: SamplePlan, y: Tensor, device: torch.device) -> Tensor:
+        """``z = y + β/(1 − β)·(y − x)`` at the sampled coordinates, from the sampled
+        parameters ``y`` and the average ``x``. ``x`` stands still between folds, so its
+        sample is gathered once per fold and kept (not saved: a gather copies exactly)."""
+        cached = self._plan.get("x_sample")
+        if cached is None or cached[0] is not plan:
+            average, _ = gather_sample(plan, self.param_groups, device, self._average_point)
+            betas = torch.tensor(
+                [self._interpolation(group) for group in self.param_groups],
+                dtype=average.dtype,
+                device=plan.groups.device,
+            )
+            gain = (betas / (1.0 - betas))[plan.groups].to(device)
+            cached = (plan, average, gain)
+            if not torch.compiler.is_compiling():
+                self._plan["x_sample"] = cached
+        _, average, gain = cached
+        return y + gain * (y - average)
+
+    def _average_point(self, p: Tensor) -> Tensor:
+        """``x`` of ``p`` (complex: its real view, as sampled), or ``p`` before it exists."""
         state = self.state.get(p)
-        return p if not state or "z" not in state else state["z"]
+        return p if not state or "x" not in state else state["x"]
 
     def _advance_distance(self, sample: tuple[Tensor, Tensor], loss: Tensor, valid: Tensor) -> None:
         sensor = self._sensor
@@ -797,13 +819,27 @@ class EmoOptimizer(Optimizer):
         )
 
     # ------------------------------------------------------------ iterate averaging
-    def _advance_average(self, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """This step's averaging weight ``c`` (``averaging.py``), from the pulse, and the
-        count of valid steps (for the bias correction of ``v``)."""
+    @torch._disable_dynamo  # (a host count: no recompile per step under torch.compile)
+    def _count_call(self, meta: dict[str, Any]) -> bool:
+        """Count this step call on the host, beside ``meta["steps"]`` (which lives in a
+        tensor; reading it here would count as a host read), and say whether the averaging
+        folds on it (:func:`~emo_core.averaging.fold_due`)."""
+        calls = self._flags.get("calls")
+        calls = int(meta["steps"]) if calls is None else calls + 1  # (None: an old pickle)
+        self._flags["calls"] = calls
+        return fold_due(calls)
+
+    def _advance_average(self, valid: Tensor, fold: bool) -> tuple[Tensor, Tensor, bool]:
+        """This step's fold weight ``C`` (``averaging.py``), from the pulse, the count of
+        valid steps (for the bias correction of ``v``) and whether the step folds."""
         self._warn_if_interpolation_changed()
-        state, mix = average_weight(self.emo_state[AVERAGE_STATE_KEY], self._sensor["pulse"], valid)
+        state, spent = average_weight(
+            self.emo_state[AVERAGE_STATE_KEY], self._sensor["pulse"], valid, fold
+        )
         self.emo_state[AVERAGE_STATE_KEY] = state
-        return mix, state["steps"]
+        if fold:
+            self._plan["x_sample"] = None  # the average moves: sample it afresh
+        return spent, state["steps"], fold
 
     def _warn_if_interpolation_changed(self) -> None:
         """Warn once if a group's interpolation weight ``β`` changed between steps: the
@@ -846,19 +882,50 @@ class EmoOptimizer(Optimizer):
     def _switch_mode(self, evaluating: bool) -> None:
         if not self.average or self._flags.get("eval_mode", False) == evaluating:
             return
-        for group in self.param_groups:
-            pairs = [
-                (_real(p), self.state[p]["z"])
-                for p in group["params"]
-                if p in self.state and "z" in self.state[p]
-            ]
-            if pairs:
-                params, zs = (list(side) for side in zip(*pairs))
-                beta = self._interpolation(group)
-                (to_average_ if evaluating else to_train_)(params, zs, beta)
-        self._flags["eval_mode"] = evaluating
+        self._upgrade_average_state()
         state = self.emo_state[AVERAGE_STATE_KEY]
+        spent = 1.0 - state["pending"]  # the mixes since the last fold
+        for group in self.param_groups:
+            beta = self._interpolation(group)
+            for p in group["params"]:
+                entry = self.state.get(p)
+                if not entry or "x" not in entry:
+                    continue  # (no step taken yet: the parameter is its own average)
+                y, x = _real(p), entry["x"]
+                if evaluating:  # keep y for train(); the parameters take the average as a
+                    # fold now would make it, x + C/(1 − β)·(y − x); the state stays as it is
+                    entry["y"] = y.detach().clone(memory_format=torch.preserve_format)
+                    wide = torch.promote_types(y.dtype, x.dtype)  # (mixed: in the wider)
+                    toward = (1.0 - spent / (1.0 - beta)).to(device=x.device, dtype=wide)
+                    y.copy_(torch.lerp(y.to(wide), x.to(wide), toward))
+                elif "y" in entry:
+                    y.copy_(entry.pop("y"))
+        self._flags["eval_mode"] = evaluating
         state["eval_mode"] = torch.full_like(state["eval_mode"], evaluating)
+
+    def _upgrade_average_state(self) -> None:
+        """State saved by emo 0.1 (``z``, the stepped sequence, in place of ``x``) to this
+        layout: ``x = (y − (1 − β)·z)/β`` in training mode; in eval mode the parameters
+        held ``x`` and ``y = β·x + (1 − β)·z`` is kept for ``train()``. Once, after a load."""
+        if not self._flags.pop("z_states", False):
+            return
+        evaluating = self._flags.get("eval_mode", False)
+        for group in self.param_groups:
+            beta = self._interpolation(group)
+            for p in group["params"]:
+                entry = self.state.get(p)
+                if not entry or "z" not in entry:
+                    continue
+                point, z = _real(p), entry.pop("z")
+                wide = torch.promote_types(point.dtype, z.dtype)
+                if evaluating:
+                    entry["x"] = point.detach().to(z.dtype, copy=True)
+                    y = torch.lerp(point.to(wide), z.to(wide), 1.0 - beta)
+                    entry["y"] = y.to(point.dtype)
+                else:
+                    x = torch.lerp(point.to(wide), z.to(wide), 1.0 - 1.0 / beta)
+                    entry["x"] = x.to(z.dtype)
+        self._plan["x_sample"] = None
 
     # ------------------------------------------------------------------- per group
     def _prepare(self, work: list[list[tuple[int, Tensor]]]) -> list[list[_Prepared]]:
@@ -868,6 +935,7 @@ class EmoOptimizer(Optimizer):
         (the loss sensor, the controller, the step count, an earlier group); state created
         for a refused step is removed again."""
         self._revalidate_groups()
+        self._upgrade_average_state()  # (a format change after a load: no new values)
         created: list[tuple[dict[str, Any], str | None]] = []
         try:
             return [
@@ -954,7 +1022,7 @@ class EmoOptimizer(Optimizer):
         prepared: _Prepared,
         valid: Tensor,
         meta: dict[str, Any],
-        average: tuple[Tensor, Tensor] | None = None,
+        average: tuple[Tensor, Tensor, bool] | None = None,
     ) -> None:
         originals, per_param, compute_dtype = prepared.params, prepared.states, prepared.dtype
         device = originals[0].device
@@ -975,13 +1043,13 @@ class EmoOptimizer(Optimizer):
             work_grads = [_as_compute(p.grad, compute_dtype, None) for p in originals]
         if self.maximize:  # ascend: the rules descend along -g
             work_grads = torch._foreach_neg(work_grads)
-        mix, average_steps = (
-            (None, None)
-            if average is None
-            else (t.to(device=device, dtype=compute_dtype) for t in average)
-        )
+        mix = average_steps = None
+        fold = False
+        if average is not None:
+            mix, average_steps = (t.to(device=device, dtype=compute_dtype) for t in average[:2])
+            fold = average[2]
         lr = group["emo_lr"].to(device=device, dtype=compute_dtype)
-        if mix is not None:  # lr = 0 freezes a group: no averaging step either
+        if mix is not None:  # lr = 0 freezes a group: no fold either
             mix = torch.where(lr != 0, mix, torch.zeros_like(mix))
         bucket = Bucket(
             params=work_params,
@@ -993,6 +1061,7 @@ class EmoOptimizer(Optimizer):
             impl=prepared.impl,
             mix=mix,
             average_steps=average_steps,
+            fold=fold,
         )
         if group["use_shadow"]:
             self._apply_shadow(bucket, [state["shadow"] for state in per_param])
@@ -1001,6 +1070,8 @@ class EmoOptimizer(Optimizer):
                 self._update(part)
         else:
             self._update(bucket)
+        if bucket.fold:
+            fold_average_(bucket.params, bucket.states["x"], bucket.mix, self._interpolation(group))
         self._write_back(param_copies, state_copies, device, meta)
 
     def _init_full_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> None:
@@ -1225,10 +1296,12 @@ class EmoOptimizer(Optimizer):
             taken = plan.meta["steps"].to(averaging["steps"])
             averaging["steps"] = torch.where(older, taken, averaging["steps"])
             self._flags["eval_mode"] = bool(averaging["eval_mode"])
+            self._flags["z_states"] = any("z" in state for _, state in plan.per_param)
         # the sample plan (and its cached views) is rebuilt at the next step
         self._plan.update(plan=None, layout=None, views=None)
         self._flags["warned_no_loss"] = False
         self._flags["contiguous_state"] = False  # loaded state may have another layout
+        self._flags["calls"] = int(plan.meta["steps"])  # (a CPU tensor: no device sync)
         self._refresh_effective_lr()
         for hook in post_hooks.values():
             hook(self)

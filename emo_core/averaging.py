@@ -1,11 +1,13 @@
-"""Schedule-Free iterate averaging (``EmoSens(average=True)``), see ``averaging.md``.
+"""Schedule-Free iterate averaging (``EmoSens(average=True)``, EmoCats too), see ``averaging.md``.
 
-Three sequences share one buffer: the optimizer steps ``z`` (kept in the state), the
-average ``x`` is not stored, and the parameters hold the interpolation
-``y = (1 − β)·z + β·x`` while training (gradients are taken there) and ``x`` while
-evaluating. ``x`` is recovered exactly from ``y`` and ``z``, so switching costs no memory.
-This module keeps the averaging weights (0-dim tensors, no host reads), the step of the
-recursion that every averaged multi-tensor kernel shares, and the switches.
+Three sequences, two buffers: the parameters hold the interpolation
+``y = (1 − β)·z + β·x`` while training (gradients are taken there), the state keeps the
+average ``x`` as of its last *fold*, and the stepped sequence ``z = y + β/(1 − β)·(y − x)``
+is never stored. Between folds ``x`` stands still, so a step moves ``y`` alone, by
+``(1 − β)`` times ``z``'s step: one update of the parameters, as without averaging. Every
+few steps (:func:`fold_due`) and before ``eval()``, a fold gives ``x`` the weight the steps
+since the last fold earned and moves ``y`` with it (:func:`fold_average_`). This module keeps
+the averaging weights (0-dim tensors, no host reads), the fold and its schedule.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FOLD_EVERY",
+    "FOLD_RAMP",
     "average_weight",
+    "fold_average_",
+    "fold_due",
     "init_average_state",
     "inverse_bias_correction",
-    "schedule_free_step_",
-    "to_average_",
-    "to_train_",
 ]
+
+FOLD_EVERY = 8  # steps between folds, at most
+FOLD_RAMP = 32  # ... and at most 1/FOLD_RAMP of the steps taken: every step at first
 
 
 def init_average_state(device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -32,27 +38,59 @@ def init_average_state(device: torch.device, dtype: torch.dtype) -> dict[str, Te
         "lr_max": zero,
         "weight_sum": zero.clone(),
         "steps": zero.clone(),  # valid steps taken: the second moment's bias correction
+        "pending": torch.ones((), dtype=dtype, device=device),  # Π(1 − c) since the last fold
         "eval_mode": torch.zeros((), dtype=torch.bool, device=device),
     }
 
 
 def average_weight(
-    state: dict[str, Tensor], lr: Tensor, valid: Tensor
+    state: dict[str, Tensor], lr: Tensor, valid: Tensor, fold: bool
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """The new state and this step's mixing weight ``c`` in ``x ← (1 − c)·x + c·z``.
+    """The new state and this step's fold weight ``C`` in ``x ← (1 − C)·x + C·z``.
 
-    Step ``t`` weighs ``w_t = (max_{s≤t} lr_s)²`` and ``c = w_t / Σ_{s≤t} w_s`` (Schedule-Free's
-    ``weight_lr_power = 2``): steps taken while the LR is still being found count little.
-    ``steps`` counts the valid steps (for the bias correction of ``v``). A skipped step
-    (``valid`` False) leaves the state as it is and gives ``c = 0``.
+    Step ``t`` weighs ``w_t = (max_{s≤t} lr_s)²`` and mixes ``c = w_t / Σ_{s≤t} w_s`` into the
+    average (Schedule-Free's ``weight_lr_power = 2``: steps taken while the LR is still being
+    found count little). Mixes wait in ``pending = Π(1 − c)`` until a fold (``fold``, from
+    :func:`fold_due`), which spends them all: ``C = 1 − pending``. ``steps`` counts the valid
+    steps (for the bias correction of ``v``). A skipped step (``valid`` False) leaves the
+    state as it is and gives ``C = 0``, on a fold step too (the fold waits for the next one).
     """
     lr = lr.to(state["lr_max"].dtype)
     lr_max = torch.where(valid, torch.maximum(state["lr_max"], lr), state["lr_max"])
     weight = torch.where(valid, lr_max * lr_max, torch.zeros_like(lr_max))
     total = state["weight_sum"] + weight
     mix = torch.where(total > 0, weight / torch.clamp(total, min=torch.finfo(total.dtype).tiny), 0)
+    pending = state["pending"] * (1.0 - mix)  # (mix is 0 on a skipped step)
+    if fold:
+        spent = torch.where(valid, 1.0 - pending, 0.0)
+        pending = torch.where(valid, torch.ones_like(pending), pending)
+    else:
+        spent = torch.zeros_like(pending)
     steps = state["steps"] + valid.to(state["steps"].dtype)
-    return {**state, "lr_max": lr_max, "weight_sum": total, "steps": steps}, mix
+    new = {**state, "lr_max": lr_max, "weight_sum": total, "steps": steps, "pending": pending}
+    return new, spent
+
+
+def fold_due(calls: int) -> bool:
+    """Whether step call ``calls`` (1, 2, …; skipped ones too) folds: every
+    ``max(1, min(FOLD_EVERY, calls // FOLD_RAMP))`` calls. Early, when one step's weight is
+    much of the average, every step folds; later the average lags ``z`` by at most
+    ``1/FOLD_RAMP`` of the steps taken. A host count: the schedule reads no device value."""
+    return calls % max(1, min(FOLD_EVERY, calls // FOLD_RAMP)) == 0
+
+
+def fold_average_(params: list[Tensor], xs: list[Tensor], spent: Tensor, beta: float) -> None:
+    """The fold, in place: ``x ← (1 − C)·x + C·z`` and ``y ← (1 − β)·z + β·x`` at the new
+    ``x``, with ``z = y + β/(1 − β)·(y − x)`` unchanged (not stored). With ``b = C/(1 − β)``:
+    ``y ← y + β·b·(y − x)``, then ``x ← x + b/(1 + β·b)·(y − x)`` at the new ``y``. Two
+    lerps; ``C = 0`` (a skipped fold) leaves both bitwise."""
+    if not params:
+        return
+    b = spent / (1.0 - beta)
+    n = len(params)
+    # (lists of 0-dim tensors: no host read of the weight)
+    torch._foreach_lerp_(params, xs, [-beta * b] * n)
+    torch._foreach_lerp_(xs, params, [b / (1.0 + beta * b)] * n)
 
 
 def bias_correction(steps: Tensor, beta2: float) -> Tensor:
@@ -78,41 +116,3 @@ def _log(beta2: float) -> float:
 def inverse_bias_correction(steps: Tensor, beta2: float) -> Tensor:
     """``1/√(1 − β2^k)`` for ``k = max(steps, 1)``: ``√v`` times this is Adam's ``√v̂``."""
     return torch.rsqrt(bias_correction(steps, beta2))
-
-
-def schedule_free_step_(
-    params: list[Tensor],
-    zs: list[Tensor],
-    directions: list[Tensor],
-    lr: Tensor,
-    mix: Tensor,
-    beta: float,
-) -> None:
-    """Step 3 of ``averaging.md`` for any direction ``u`` (Adam's, Lion's), in place:
-    ``y ← lerp(y, z, c) + lr·(β·(1 − c) − 1)·u``, then ``z ← z − lr·u``. ``lr`` and ``mix``
-    are 0-dim tensors (0 on a skipped step: every entry keeps its value)."""
-    n = len(params)
-    # (lists of 0-dim tensors: no host read of the LR or the weight)
-    torch._foreach_lerp_(params, zs, [mix] * n)
-    torch._foreach_addcmul_(params, directions, [lr * (beta * (1.0 - mix) - 1.0)] * n)
-    torch._foreach_addcmul_(zs, directions, [lr] * n, value=-1.0)
-
-
-def to_average_(params: list[Tensor], zs: list[Tensor], beta: float) -> None:
-    """Parameters from ``y`` to the average ``x = (y − (1 − β)·z)/β``, in place."""
-    _lerp_(params, zs, 1.0 - 1.0 / beta)
-
-
-def to_train_(params: list[Tensor], zs: list[Tensor], beta: float) -> None:
-    """Parameters from the average ``x`` back to ``y = β·x + (1 − β)·z``, in place."""
-    _lerp_(params, zs, 1.0 - beta)
-
-
-def _lerp_(params: list[Tensor], zs: list[Tensor], weight: float) -> None:
-    for p, z in zip(params, zs):
-        if p.dtype == z.dtype:
-            p.lerp_(z, weight)
-        else:  # half parameters and fp32 z, or the reverse (a low state_dtype): mix in the
-            # wider of the two, round once into the parameter
-            wide = torch.promote_types(p.dtype, z.dtype)
-            p.copy_(torch.lerp(p.to(wide), z.to(wide), weight))

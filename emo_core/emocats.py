@@ -3,15 +3,16 @@
 ``c = β1·m + (1−β1)·g``; ``p ← p·(1 − wd·lr) − lr·sign(c)``; ``m ← β2·m + (1−β2)·g``.
 One moment, 4 bytes of state per parameter.
 
-With ``average=True`` (Schedule-Free averaging, ``averaging.md``) the sign steps ``z``
-(+4 B/param) and the parameters hold ``y``: ``u = sign(c) + wd·z``;
-``y ← lerp(y, z, c_t) + lr·(β·(1 − c_t) − 1)·u``; ``z ← z − lr·u``; ``m`` as above, with
-``β = interpolation`` and ``c_t`` the step's averaging weight.
+With ``average=True`` (Schedule-Free averaging, ``averaging.md``) the parameters hold the
+interpolation ``y`` and the state the average ``x`` (+4 B/param). Between folds a step is
+the rule above at the LR ``lr·(1 − β)``, ``β = interpolation`` (so the stepped ``z`` moves
+by ``lr·(sign(c) + wd·y)``); the base class folds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,9 +20,8 @@ from torch import Tensor
 
 from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
-from .averaging import schedule_free_step_
 
-__all__ = ["AVERAGED_BETAS", "BETAS", "EmoCats", "averaged_emocats", "emocats"]
+__all__ = ["AVERAGED_BETAS", "BETAS", "EmoCats", "emocats"]
 
 BETAS = (0.9, 0.995)
 """Lion's sign blend and momentum decay."""
@@ -105,19 +105,18 @@ class EmoCats(EmoOptimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        if self.average:  # z starts at the parameter (and the average with it)
-            state["z"] = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
+        if self.average:  # the average starts at the parameter
+            state["x"] = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
 
     def _layout_keys(self) -> tuple[str, ...]:
-        return ("exp_avg", "z") if self.average else ("exp_avg",)
+        return ("exp_avg", "x") if self.average else ("exp_avg",)
 
     def _update(self, bucket: Bucket) -> None:
         beta1, beta2 = bucket.group["betas"]
         options = {"beta1": beta1, "beta2": beta2, "weight_decay": bucket.group["weight_decay"]}
-        if bucket.mix is None:
-            emocats(bucket, **options)
-        else:
-            averaged_emocats(bucket, interpolation=bucket.group["interpolation"], **options)
+        if bucket.mix is not None:  # (average=True) between folds y takes (1 − β) of z's step
+            bucket = replace(bucket, lr=bucket.lr * (1.0 - bucket.group["interpolation"]))
+        emocats(bucket, **options)
 
 
 def emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float) -> None:
@@ -171,76 +170,4 @@ def _blocked_emocats(bucket: Bucket, *, beta1: float, beta2: float, weight_decay
         direction = torch.lerp(m, g, 1.0 - beta1, out=scratch).sign_()
         p.mul_(shrink)
         p.addcmul_(direction, lr, value=-1.0)
-        m.lerp_(g, blend)
-
-
-def averaged_emocats(
-    bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float, interpolation: float
-) -> None:
-    """Functional averaged (Schedule-Free) EmoCats update of one bucket (``bucket.mix``)."""
-    options = {"beta1": beta1, "beta2": beta2, "weight_decay": weight_decay}
-    if bucket.impl == "foreach" and bucket.is_plain_cpu():
-        # Large contiguous CPU tensors in cache-sized blocks, the rest multi-tensor.
-        blocked, rest = bucket.split_large()
-        if blocked is not None:
-            _blocked_averaged(blocked, interpolation=interpolation, **options)
-            if rest is not None:
-                _foreach_averaged(rest, interpolation=interpolation, **options)
-            return
-    kernel = {"foreach": _foreach_averaged, "single": _single_tensor_averaged}.get(bucket.impl)
-    kernel = kernel or compiled(_single_tensor_averaged)
-    kernel(bucket, interpolation=interpolation, **options)
-
-
-def _single_tensor_averaged(
-    bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float, interpolation: float
-) -> None:
-    lr = bucket.step_lr()
-    mix = bucket.mix
-    toward_y = lr * (interpolation * (1.0 - mix) - 1.0)  # 0 on a skipped step, as mix
-    blend = (bucket.valid * (1.0 - beta2)).to(lr.dtype)
-    for y, g, m, z in zip(
-        bucket.params, bucket.masked_grads(), bucket.states["exp_avg"], bucket.states["z"]
-    ):
-        u = torch.lerp(m, g, 1.0 - beta1).sign_()
-        if weight_decay:
-            u.add_(z, alpha=weight_decay)
-        y.lerp_(z, mix)
-        y.add_(u * toward_y)
-        z.sub_(u * lr)
-        m.lerp_(g, blend)
-
-
-def _foreach_averaged(
-    bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float, interpolation: float
-) -> None:
-    lr = bucket.step_lr()
-    mix = bucket.mix
-    grads = bucket.masked_grads()
-    exp_avgs, zs = bucket.states["exp_avg"], bucket.states["z"]
-    direction = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_sign_(direction)
-    if weight_decay:
-        torch._foreach_add_(direction, zs, alpha=weight_decay)
-    schedule_free_step_(bucket.params, zs, direction, lr, mix, interpolation)
-    torch._foreach_lerp_(exp_avgs, grads, bucket.blend(1.0 - beta2))
-
-
-def _blocked_averaged(
-    bucket: Bucket, *, beta1: float, beta2: float, weight_decay: float, interpolation: float
-) -> None:
-    """The averaged rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK`` elements
-    (:meth:`Bucket.cpu_blocks`), as :func:`_blocked_emocats`."""
-    lr = bucket.step_lr()
-    mix = bucket.mix
-    toward_y = lr * (interpolation * (1.0 - mix) - 1.0)  # 0 on a skipped step, as mix
-    blend = (bucket.valid * (1.0 - beta2)).to(lr.dtype)
-    blocks = bucket.cpu_blocks(bucket.states["exp_avg"], bucket.states["z"])
-    for g, scratch, (y, m, z) in blocks:
-        u = torch.lerp(m, g, 1.0 - beta1, out=scratch).sign_()
-        if weight_decay:
-            u.add_(z, alpha=weight_decay)
-        y.lerp_(z, mix)
-        y.addcmul_(u, toward_y)
-        z.addcmul_(u, lr, value=-1.0)
         m.lerp_(g, blend)

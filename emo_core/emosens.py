@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
 from ._validation import as_bool, check_betas, check_range
-from .averaging import inverse_bias_correction, schedule_free_step_
+from .averaging import inverse_bias_correction
 
 __all__ = ["EmoSens", "averaged_emosens", "emosens"]
 
@@ -133,14 +133,14 @@ class EmoSens(EmoOptimizer):
             )
 
     def _init_state(self, p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
-        if self.average:  # z starts at the parameter (and the average with it)
-            state["z"] = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
+        if self.average:  # the average starts at the parameter
+            state["x"] = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
         else:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _layout_keys(self) -> tuple[str, ...]:
-        return ("z" if self.average else "exp_avg", "exp_avg_sq")
+        return ("x" if self.average else "exp_avg", "exp_avg_sq")
 
     def _pick_impl(
         self,
@@ -239,8 +239,9 @@ def _foreach_emosens(
 def averaged_emosens(
     bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
-    """Functional averaged (Schedule-Free) EmoSens update of one bucket (``bucket.mix``);
-    ``beta1`` is the interpolation weight there."""
+    """Functional averaged (Schedule-Free) EmoSens step of one bucket between folds:
+    ``y ← y − lr·(1 − β)·u`` with ``u = g/(√v̂ + eps) + wd·y`` (``averaging.md``); ``beta1``
+    is the interpolation weight ``β`` there. The base class folds (``bucket.fold``)."""
     options = {"beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
     if bucket.impl == "foreach" and bucket.is_plain_cpu():
         # Large contiguous fp32 CPU tensors in cache-sized blocks, the rest multi-tensor.
@@ -261,80 +262,71 @@ def averaged_emosens(
 def _single_tensor_averaged(
     bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
-    lr = bucket.step_lr()
-    mix = bucket.mix
+    lr = bucket.step_lr() * (1.0 - beta1)
     keep2 = bucket.decay(beta2)
     unbias = inverse_bias_correction(bucket.average_steps, beta2)
-    toward_y = lr * (beta1 * (1.0 - mix) - 1.0)  # 0 on a skipped step, as mix
-    for y, g, z, v in zip(
-        bucket.params, bucket.masked_grads(), bucket.states["z"], bucket.states["exp_avg_sq"]
-    ):
+    shrink = 1.0 - lr * weight_decay
+    for y, g, v in zip(bucket.params, bucket.masked_grads(), bucket.states["exp_avg_sq"]):
         v.mul_(keep2).addcmul_(g, g, value=1.0 - beta2)
-        u = torch.add(g / (v.sqrt() * unbias + eps), z, alpha=weight_decay)
-        y.lerp_(z, mix)
-        y.add_(u * toward_y)
-        z.sub_(u * lr)
+        y.mul_(shrink)
+        y.sub_(g / (v.sqrt() * unbias + eps) * lr)
 
 
 def _foreach_averaged(
     bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
-    lr = bucket.step_lr()
-    mix = bucket.mix
+    lr = bucket.step_lr() * (1.0 - beta1)
     grads = bucket.masked_grads()
-    zs, exp_avg_sqs = bucket.states["z"], bucket.states["exp_avg_sq"]
+    exp_avg_sqs = bucket.states["exp_avg_sq"]
     torch._foreach_mul_(exp_avg_sqs, bucket.decay(beta2))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    n = len(zs)
+    n = len(grads)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     # (a list of 0-dim tensors: no host read)
     torch._foreach_mul_(denom, [inverse_bias_correction(bucket.average_steps, beta2)] * n)
     torch._foreach_add_(denom, eps)
     direction = torch._foreach_div(grads, denom)
-    if weight_decay:
-        torch._foreach_add_(direction, zs, alpha=weight_decay)
-    schedule_free_step_(bucket.params, zs, direction, lr, mix, beta1)
+    torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
+    torch._foreach_addcmul_(bucket.params, direction, [lr] * n, value=-1.0)
 
 
 def _blocked_averaged(
     bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
-    """The averaged rule on large contiguous CPU tensors, in blocks of ``CPU_BLOCK``
+    """The averaged step on large contiguous CPU tensors, in blocks of ``CPU_BLOCK``
     elements (:meth:`Bucket.cpu_blocks`), so each tensor is streamed from memory once."""
-    lr = bucket.step_lr()
-    mix = bucket.mix
+    lr = bucket.step_lr() * (1.0 - beta1)
     keep2 = bucket.decay(beta2)
-    toward_y = lr * (beta1 * (1.0 - mix) - 1.0)
+    shrink = 1.0 - lr * weight_decay
     unbias = inverse_bias_correction(bucket.average_steps, beta2)
-    blocks = bucket.cpu_blocks(bucket.states["z"], bucket.states["exp_avg_sq"])
-    for g, scratch, (y, z, v) in blocks:
+    for g, scratch, (y, v) in bucket.cpu_blocks(bucket.states["exp_avg_sq"]):
         v.mul_(keep2).addcmul_(g, g, value=1.0 - beta2)
         direction = torch.sqrt(v, out=scratch).mul_(unbias).add_(eps)
         torch.div(g, direction, out=direction)
-        if weight_decay:
-            direction.add_(z, alpha=weight_decay)
-        y.lerp_(z, mix)
-        y.addcmul_(direction, toward_y)
-        z.addcmul_(direction, lr, value=-1.0)
+        y.mul_(shrink)
+        y.addcmul_(direction, lr, value=-1.0)
 
 
 def _fused_averaged(
     bucket: Bucket, *, beta1: float, beta2: float, eps: float, weight_decay: float
 ) -> None:
-    """The averaged rule with ``z``'s step in torch's fused AdamW kernel, between two lerps
-    of the parameters through the average: ``y → x = lerp(y, z, 1 − 1/β)``; ``z ← z − lr·u``
-    (first moment off: the gradient serves as its own buffer, ``lerp(g, g, 1) = g``);
-    ``y ← lerp(x, z, 1 − β·(1 − c))``, which is ``(1 − β)·z + β·((1 − c)·x + c·z)``.
-    Three fused passes instead of the multi-tensor kernel's nine. On a skipped step both
-    lerp weights are 0 and the kernel's ``found_inf`` leaves ``z`` and ``v`` alone, so every
-    entry keeps its value bitwise."""
-    zs, n = bucket.states["z"], len(bucket.params)
-    # (lr = 0, a frozen group: both lerps are skipped too, so y keeps its value bitwise)
-    valid = (bucket.valid & (bucket.lr != 0)).to(bucket.lr.dtype)
-    torch._foreach_lerp_(bucket.params, zs, [valid * (1.0 - 1.0 / beta1)] * n)
+    """The averaged step in torch's fused AdamW kernel, at the LR ``lr·(1 − β)`` and with
+    the first moment off (``β1 = 0``, the gradient as its own buffer: ``lerp(g, g, 1) = g``;
+    bias correction from a step tensor ``max(steps, 1)``; ``found_inf`` on a skipped step):
+    one pass, as without averaging."""
     steps = torch.clamp(bucket.average_steps, min=1.0).to(torch.float32)
-    _adamw_step(bucket, zs, bucket.grads, [steps] * n, 0.0, beta2, eps, weight_decay)
-    torch._foreach_lerp_(bucket.params, zs, [valid * (1.0 - beta1 * (1.0 - bucket.mix))] * n)
+    lr = bucket.lr * (1.0 - beta1)
+    _adamw_step(
+        bucket,
+        bucket.params,
+        bucket.grads,
+        [steps] * len(bucket.params),
+        0.0,
+        beta2,
+        eps,
+        weight_decay,
+        lr=lr,
+    )
 
 
 _step_tensors: dict[torch.device, Tensor] = {}
@@ -362,9 +354,11 @@ def _adamw_step(
     beta2: float,
     eps: float,
     weight_decay: float,
+    lr: Tensor | None = None,
 ) -> None:
     """torch's fused AdamW kernel on ``params`` with the bucket's gradients, second moments,
-    tensor LR and skipped-step flag (``found_inf``: nothing is written on a skipped step)."""
+    tensor LR (``lr``: another one) and skipped-step flag (``found_inf``: nothing is
+    written on a skipped step)."""
     torch._fused_adamw_(
         params,
         bucket.grads,
@@ -372,7 +366,7 @@ def _adamw_step(
         bucket.states["exp_avg_sq"],
         [],
         steps,
-        lr=bucket.lr,
+        lr=bucket.lr if lr is None else lr,
         beta1=beta1,
         beta2=beta2,
         weight_decay=weight_decay,

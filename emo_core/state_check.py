@@ -35,10 +35,11 @@ from .precision import default_state_dtype
 from .pulse import HIST_LEN
 from .settle import SETTLE_KEYS
 
-DEFAULTED_KEYS = SETTLE_KEYS | {"steps", "x_prev", "m_prev"}
+DEFAULTED_KEYS = SETTLE_KEYS | {"steps", "pending", "x_prev", "m_prev"}
 """Controller entries a state saved by an earlier version may lack (they load fresh):
-settling's, the averaging step count (``_base.load_state_dict`` fills that one in), and the
-distance controller's last sample and lr multipliers (fresh: an lr of 1, no shift)."""
+settling's, the averaging step count (``_base.load_state_dict`` fills that one in) and its
+pending mixes (none: the old format kept the average up to date), and the distance
+controller's last sample and lr multipliers (fresh: an lr of 1, no shift)."""
 
 BOUNDS: dict[str, dict[str, tuple[float, bool, float, bool]]] = {
     # key -> entry -> (lower bound, lower bound allowed, upper bound, whole numbers only)
@@ -56,6 +57,7 @@ BOUNDS: dict[str, dict[str, tuple[float, bool, float, bool]]] = {
         "lr_max": (0.0, True, float("inf"), False),
         "weight_sum": (0.0, True, float("inf"), False),
         "steps": (0.0, True, float("inf"), True),
+        "pending": (0.0, True, 1.0, False),
     },
     "emo_pulse": {  # the loss sensor (SPEC §2): what its update can produce
         "t": (0.0, True, float("inf"), True),
@@ -249,11 +251,17 @@ def _checked_group(opt: EmoOptimizer, index: int, saved: Mapping[str, Any]) -> d
     return group
 
 
-def _state_template(opt: EmoOptimizer, p: Tensor, use_shadow: bool) -> dict[str, Any]:
-    """The state the optimizer would create for ``p``, as meta tensors (no memory)."""
+def _param_template(p: Tensor) -> Tensor:
+    """``p`` (complex: its real view) as a meta tensor."""
     real_dtype = p.dtype.to_real() if p.is_complex() else p.dtype
     shape = tuple(p.shape) + ((2,) if p.is_complex() else ())
-    like = torch.empty(shape, dtype=real_dtype, device="meta")
+    return torch.empty(shape, dtype=real_dtype, device="meta")
+
+
+def _state_template(opt: EmoOptimizer, p: Tensor, use_shadow: bool) -> dict[str, Any]:
+    """The state the optimizer would create for ``p``, as meta tensors (no memory)."""
+    like = _param_template(p)
+    real_dtype = like.dtype
     state_dtype = default_state_dtype(real_dtype, opt.state_dtype)
     template: dict[str, Any] = {}
     opt._init_state(like, template, state_dtype)
@@ -297,12 +305,17 @@ def _checked_param_state(
     opt: EmoOptimizer, key: Any, entry: Mapping[str, Any], p: Tensor, use_shadow: bool
 ) -> dict[str, Any]:
     template = _state_template(opt, p, use_shadow)
+    if opt.average and "x" in template:
+        if "z" in entry and "x" not in entry:  # emo 0.1's averaged state (upgraded on use)
+            template["z"] = template.pop("x")
+        if "y" in entry:  # saved in eval mode: the training point that train() restores
+            template["y"] = _param_template(p)
     missing = sorted(k for k in template if k not in entry)
     unknown = sorted(k for k in entry if k not in template)
     options = [name for name, on in (("use_shadow", use_shadow), ("average", opt.average)) if on]
     owner = type(opt).__name__ + "".join(f" with {name}=True" for name in options)
     hint = ""
-    if "z" in entry and not opt.average:  # (the one key only averaging keeps)
+    if ("x" in entry or "z" in entry) and not opt.average:  # (keys only averaging keeps)
         hint = "; a state saved with average=True needs an optimizer with average=True"
     if missing:
         _fail(f"state[{key!r}] lacks {missing} ({owner} keeps {sorted(template)}){hint}")

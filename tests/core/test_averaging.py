@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from emo_core import EmoAiry, EmoCats, EmoSens
+from emo_core.averaging import fold_due
 from tests.core.cases import (
     assert_bad_step_is_a_no_op,
     assert_same,
@@ -32,46 +33,59 @@ def assert_schedule_free(
     params: list[torch.Tensor],
     beta: float,
     direction: Callable[[int, torch.Tensor, torch.Tensor, int], torch.Tensor],
+    steps: int = 25,
 ) -> None:
-    """25 scripted steps of ``opt`` against the textbook form that stores all three
-    sequences: ``z ← z − lr·u`` with ``u = direction(i, g, z_i, step)`` (the rule's own
-    moments kept by the caller), ``x`` the lr_max²-weighted average of ``z``,
-    ``y = β·x + (1 − β)·z``; the parameters hold ``y`` while training and ``x`` after eval()."""
+    """``steps`` scripted steps of ``opt`` against the textbook form that stores all three
+    sequences: ``z ← z − lr·u`` with ``u = direction(i, g, y_i, step)`` at the training
+    point (the rule's own moments kept by the caller); ``x`` the lr_max²-weighted average
+    of ``z``, brought up to date on the steps that fold (``fold_due``: every step for the
+    first 63) and by eval(); ``y = β·x + (1 − β)·z``. The parameters hold ``y`` while
+    training and ``x`` after eval()."""
     z = [p.detach().double().clone() for p in params]
     x = [t.clone() for t in z]
     lr_max = weight_sum = 0.0
-    for step, loss in enumerate(scripted_losses(25)):
+    pending = 1.0
+    rtol = 1e-5 if steps <= 25 else 1e-4  # (fp32 against fp64, rounding accumulates)
+    for step, loss in enumerate(scripted_losses(steps)):
         set_random_grads(params, step)
         grads = [p.grad.double() for p in params]
+        ys = [p.detach().double().clone() for p in params]
         opt.step(loss=abs(loss) + 0.1)
         lr = opt.get_effective_lr()[0]
         lr_max = max(lr_max, lr)
         weight_sum += lr_max**2
-        c = lr_max**2 / weight_sum
+        pending *= 1 - lr_max**2 / weight_sum
+        fold = fold_due(step + 1)
         for i, g in enumerate(grads):
-            z[i] = z[i] - lr * direction(i, g, z[i], step)
-            x[i] = (1 - c) * x[i] + c * z[i]
+            z[i] = z[i] - lr * direction(i, g, ys[i], step)
+            if fold:
+                x[i] = pending * x[i] + (1 - pending) * z[i]
             y = (1 - beta) * z[i] + beta * x[i]
-            torch.testing.assert_close(params[i].double(), y, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(params[i].double(), y, rtol=rtol, atol=1e-7)
+        pending = 1.0 if fold else pending
     opt.eval()
-    for p, want in zip(params, x):
-        torch.testing.assert_close(p.double(), want, rtol=1e-5, atol=1e-6)
+    for p, x_i, z_i in zip(params, x, z):
+        want = pending * x_i + (1 - pending) * z_i
+        torch.testing.assert_close(p.double(), want, rtol=rtol, atol=1e-6)
 
 
-def test_the_update_is_schedule_free_adam_at_the_pulse() -> None:
-    """z steps by the normalised gradient (Adam's bias-corrected v̂) plus weight decay on z,
-    against the three-sequence form (:func:`assert_schedule_free`), β = betas[0]."""
+@pytest.mark.parametrize("steps", [25, 150])
+@pytest.mark.parametrize("impl", [{"foreach": False}, {"fused": True}], ids=str)
+def test_the_update_is_schedule_free_adam_at_the_pulse(impl: dict, steps: int) -> None:
+    """z steps by the normalised gradient (Adam's bias-corrected v̂) plus weight decay at
+    the training point y, against the three-sequence form (:func:`assert_schedule_free`),
+    β = betas[0]; 150 steps fold every 2nd and then 4th step."""
     params = list(small_model().parameters())
     beta, beta2, eps, wd = 0.9, 0.995, 1e-8, 0.01
-    opt = EmoSens(params, weight_decay=wd, foreach=False, **AVERAGE)
+    opt = EmoSens(params, weight_decay=wd, **impl, **AVERAGE)
     v = [torch.zeros_like(p, dtype=torch.float64) for p in params]
 
-    def adam(i: int, g: torch.Tensor, z: torch.Tensor, step: int) -> torch.Tensor:
+    def adam(i: int, g: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         v[i] = beta2 * v[i] + (1 - beta2) * g * g
         v_hat = v[i] / (1 - beta2 ** (step + 1))
-        return g / (v_hat.sqrt() + eps) + wd * z
+        return g / (v_hat.sqrt() + eps) + wd * y
 
-    assert_schedule_free(opt, params, beta, adam)
+    assert_schedule_free(opt, params, beta, adam, steps)
 
 
 # Each averaged optimizer's kernels against its per-tensor loop (EmoCats has no fused one).
@@ -266,12 +280,12 @@ def test_resume_is_bitwise_exact(save_in: str) -> None:
     assert_same(fresh.emo_state, ref.emo_state)
 
 
-def test_state_is_z_and_v_eight_bytes_per_parameter() -> None:
+def test_state_is_x_and_v_eight_bytes_per_parameter() -> None:
     model = small_model()
     opt = EmoSens(model.parameters(), **AVERAGE)
     train_scripted(model, opt, range(2))
     for p in model.parameters():
-        assert sorted(opt.state[p]) == ["exp_avg_sq", "z"]
+        assert sorted(opt.state[p]) == ["exp_avg_sq", "x"]
         assert all(t.dtype == torch.float32 and t.shape == p.shape for t in opt.state[p].values())
 
 
@@ -282,7 +296,7 @@ def test_a_state_dict_of_the_other_mode_is_refused_and_changes_nothing() -> None
     opt = EmoSens(model.parameters(), **AVERAGE)
     train_scripted(model, opt, range(3))
     before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=r"Invalid state_dict: .*lacks \['z'\].*with average=True"):
+    with pytest.raises(ValueError, match=r"Invalid state_dict: .*lacks \['x'\].*with average=True"):
         opt.load_state_dict(plain.state_dict())
     assert_same(opt.state_dict(), before)
     with pytest.raises(
@@ -321,7 +335,7 @@ def test_bf16_parameters_train_and_switch() -> None:
         w.grad = None
         loss.backward()
         opt.step(loss=loss.detach())
-    assert opt.state[w]["z"].dtype == torch.float32
+    assert opt.state[w]["x"].dtype == torch.float32
     opt.eval()
     assert w.dtype == torch.bfloat16
     assert ((w.float() - target) ** 2).mean() < 0.1 * (target**2).mean()
@@ -351,23 +365,30 @@ def test_lr_zero_freezes_a_group_bitwise(cls, impl: dict) -> None:
 
 @pytest.mark.parametrize("cls", [EmoSens, EmoCats])
 def test_a_low_state_dtype_does_not_round_fp32_parameters_on_eval_and_train(cls) -> None:
-    """z kept in bf16 (``state_dtype``) beside fp32 parameters: the switch mixes in fp32 and
-    rounds once into the parameter (it had cast the parameter down to bf16: every eval()
-    quantised the model, and an eval()/train() round trip moved it by ~1e-4)."""
+    """x kept in bf16 (``state_dtype``) beside fp32 parameters: eval() mixes in fp32 and
+    train() gives the training point back bitwise (an earlier switch cast the parameter
+    down to bf16: every eval() quantised the model, and a round trip moved it by ~1e-4).
+    Run past the steps that fold every step, so eval() has mixes to spend: the parameters
+    then hold the average a fold would make, ``x + C/(1 − β)·(y − x)``, and the state
+    does not move (evaluating does not change the training run)."""
     model = small_model()
     params = list(model.parameters())
     opt = cls(params, state_dtype=torch.bfloat16, **AVERAGE)
-    train_scripted(model, opt, range(20))
+    train_scripted(model, opt, range(71))  # (71 is not a fold step: every 2nd there)
+    pending = opt.emo_state["emo_average"]["pending"]
+    assert pending < 1
     y = [p.detach().clone() for p in params]
-    zs = [opt.state[p]["z"].float() for p in params]
+    before = [copy.deepcopy(opt.state[p]) for p in params]
     beta = opt._interpolation(opt.param_groups[0])
     opt.eval()
-    for p, y0, z in zip(params, y, zs):
-        want = torch.lerp(y0, z, 1.0 - 1.0 / beta)  # x = (y − (1 − β)·z)/β
-        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
-    opt.train()
     for p, y0 in zip(params, y):
-        torch.testing.assert_close(p.detach(), y0, rtol=1e-6, atol=1e-7)
+        x = opt.state[p]["x"].float()
+        want = x + (1 - pending) / (1 - beta) * (y0 - x)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(p.detach(), x)
+    opt.train()
+    assert_same([p.detach() for p in params], y)
+    assert_same([opt.state[p] for p in params], before)
 
 
 @pytest.mark.parametrize(
@@ -415,10 +436,11 @@ def test_a_differentiable_gradient_is_not_used_as_a_buffer() -> None:
     )
 
 
-def test_emocats_averaged_is_schedule_free_lion_at_the_pulse() -> None:
+@pytest.mark.parametrize("steps", [25, 150])
+def test_emocats_averaged_is_schedule_free_lion_at_the_pulse(steps: int) -> None:
     """EmoCats(average=True): z steps by Lion's sign of the blended momentum (plus weight
-    decay on z), m follows the gradient, against the three-sequence form
-    (:func:`assert_schedule_free`) with β = interpolation."""
+    decay at the training point y), m follows the gradient, against the three-sequence
+    form (:func:`assert_schedule_free`) with β = interpolation."""
     params = list(small_model().parameters())
     wd, beta = 0.01, 0.8
     opt = EmoCats(params, weight_decay=wd, foreach=False, **AVERAGE)
@@ -426,12 +448,12 @@ def test_emocats_averaged_is_schedule_free_lion_at_the_pulse() -> None:
     assert (beta1, beta2) == (0.9, 0.8)
     m = [torch.zeros_like(p, dtype=torch.float64) for p in params]
 
-    def lion(i: int, g: torch.Tensor, z: torch.Tensor, step: int) -> torch.Tensor:
-        u = torch.sign(beta1 * m[i] + (1 - beta1) * g) + wd * z
+    def lion(i: int, g: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        u = torch.sign(beta1 * m[i] + (1 - beta1) * g) + wd * y
         m[i] = beta2 * m[i] + (1 - beta2) * g
         return u
 
-    assert_schedule_free(opt, params, beta, lion)
+    assert_schedule_free(opt, params, beta, lion, steps)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -443,7 +465,7 @@ def test_emocats_averaged_skipped_step_is_a_bitwise_no_op(foreach: bool, bad: st
     assert "emo_average" in assert_bad_step_is_a_no_op(model, opt, bad, step=4)
 
 
-def test_emocats_averaged_resumes_bitwise_and_keeps_m_and_z() -> None:
+def test_emocats_averaged_resumes_bitwise_and_keeps_m_and_x() -> None:
     ref_model = small_model()
     ref = EmoCats(ref_model.parameters(), **AVERAGE)
     train_scripted(ref_model, ref, range(10))
@@ -459,8 +481,9 @@ def test_emocats_averaged_resumes_bitwise_and_keeps_m_and_z() -> None:
     fresh_model.load_state_dict(saved["model"])
     fresh = EmoCats(fresh_model.parameters(), **AVERAGE)
     fresh.load_state_dict(saved["opt"])
-    assert set(fresh.state_dict()["state"][0]) == {"exp_avg", "z"}  # 8 B/param
+    assert set(fresh.state_dict()["state"][0]) == {"exp_avg", "x", "y"}  # y: while evaluating
     fresh.train()
+    assert set(fresh.state_dict()["state"][0]) == {"exp_avg", "x"}  # 8 B/param
     train_scripted(fresh_model, fresh, range(10, 20))
     assert_same(fresh_model.state_dict(), ref_model.state_dict())
 
@@ -505,3 +528,108 @@ def test_adding_a_param_group_is_not_warned_about_as_a_changed_interpolation(opt
             set_random_grads(params, step)
             opt.step(loss=1.0 / (step + 1))
     assert not [w for w in caught if "interpolation weight" in str(w.message)]
+
+
+# The lazy average (averaging.md, "Folds"): from call 64 on the average is brought up to
+# date every 2nd, 3rd, ... 8th step, so these tests run past it.
+FOLDING = [(EmoSens, {"fused": True}), (EmoSens, {"foreach": True}), (EmoCats, {})]
+FOLDING_IDS = ["EmoSens-fused", "EmoSens-foreach", "EmoCats"]
+
+
+@pytest.mark.parametrize(("cls", "impl"), FOLDING, ids=FOLDING_IDS)
+@pytest.mark.parametrize("save_in", ["train", "eval"])
+def test_resume_between_folds_is_bitwise_exact(cls: type, impl: dict, save_in: str) -> None:
+    """Saved at a step that did not fold (mixes pending), in training or eval mode: the
+    resumed run continues bitwise like the uninterrupted one, folds included."""
+    assert not fold_due(71)
+    ref_model = small_model()
+    ref = cls(ref_model.parameters(), **impl, **AVERAGE)
+    train_scripted(ref_model, ref, range(71))
+    train_scripted(ref_model, ref, range(71, 100))
+    model = small_model()
+    opt = cls(model.parameters(), **impl, **AVERAGE)
+    train_scripted(model, opt, range(71))
+    assert opt.emo_state["emo_average"]["pending"] < 1
+    if save_in == "eval":
+        opt.eval()
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    fresh_model = small_model(seed=5)
+    fresh_model.load_state_dict(saved["model"])
+    fresh = cls(fresh_model.parameters(), **impl, **AVERAGE)
+    fresh.load_state_dict(saved["opt"])
+    fresh.train()
+    train_scripted(fresh_model, fresh, range(71, 100))
+    assert_same(fresh_model.state_dict(), ref_model.state_dict())
+    assert_same(fresh.emo_state, ref.emo_state)
+
+
+@pytest.mark.parametrize(("cls", "impl"), FOLDING, ids=FOLDING_IDS)
+def test_evaluating_does_not_change_the_training_run(cls: type, impl: dict) -> None:
+    """eval()/train() every 5 steps (as a validation loop does) leaves the trajectory
+    bitwise as without them: eval() computes the average into the parameters from the
+    state without moving it, and train() gives the training point back."""
+    ref_model, model = small_model(), small_model()
+    ref = cls(ref_model.parameters(), **impl, **AVERAGE)
+    opt = cls(model.parameters(), **impl, **AVERAGE)
+    train_scripted(ref_model, ref, range(100))
+    for start in range(0, 100, 5):
+        train_scripted(model, opt, range(start, start + 5))
+        opt.eval()
+        opt.train()
+    assert_same(model.state_dict(), ref_model.state_dict())
+    assert_same(opt.emo_state, ref.emo_state)
+
+
+@pytest.mark.parametrize("bad", ["nan_loss", "inf_grad"])
+def test_a_skipped_step_on_a_fold_step_is_a_bitwise_no_op_and_the_fold_waits(bad: str) -> None:
+    model = small_model()
+    opt = EmoSens(model.parameters(), **AVERAGE)
+    train_scripted(model, opt, range(71))
+    assert fold_due(72)
+    pending = opt.emo_state["emo_average"]["pending"].clone()
+    assert "emo_average" in assert_bad_step_is_a_no_op(model, opt, bad, step=71)
+    assert torch.equal(opt.emo_state["emo_average"]["pending"], pending)  # still to spend
+    assert pending < 1
+
+
+@pytest.mark.parametrize("cls", [EmoSens, EmoCats])
+@pytest.mark.parametrize("save_in", ["train", "eval"])
+def test_a_state_saved_by_emo_0_1_with_z_loads_and_trains_on(cls: type, save_in: str) -> None:
+    """emo 0.1 kept the stepped sequence ``z`` (no ``x``, no ``pending``): such a state
+    loads, ``x = (y − (1 − β)·z)/β`` (and in eval mode, where the model held ``x``, the
+    training point ``y = β·x + (1 − β)·z``) is rebuilt from it at the next step or
+    ``train()``, and the run continues as the one that saved it would."""
+    model = small_model()
+    opt = cls(model.parameters(), **AVERAGE)
+    train_scripted(model, opt, range(20))  # (every step folds: pending is 1)
+    beta = opt._interpolation(opt.param_groups[0])
+    params = list(model.parameters())
+    ys = [p.detach().clone() for p in params]
+    xs = [opt.state[p]["x"].clone() for p in params]
+    ref_model, ref = copy.deepcopy(model), copy.deepcopy(opt)
+    old = copy.deepcopy(opt.state_dict())
+    del old["param_groups"][0]["emo_state"]["emo_average"]["pending"]
+    for index, (y, x) in enumerate(zip(ys, xs)):
+        del old["state"][index]["x"]
+        old["state"][index]["z"] = y + beta / (1 - beta) * (y - x)
+    if save_in == "eval":  # emo 0.1's eval mode: the model held x
+        for p, x in zip(params, xs):
+            p.data.copy_(x)
+        old["param_groups"][0]["emo_state"]["emo_average"]["eval_mode"] = torch.tensor(True)
+    fresh = cls(params, **AVERAGE)
+    fresh.load_state_dict(old)
+    if save_in == "eval":
+        fresh.train()
+    else:  # (the upgrade runs as a step begins; a skipped one changes nothing else)
+        set_random_grads(params, 20)
+        fresh.step(loss=float("nan"))
+    for p, y, x in zip(params, ys, xs):
+        assert "z" not in fresh.state[p]
+        torch.testing.assert_close(fresh.state[p]["x"], x, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(p.detach(), y, rtol=1e-5, atol=1e-8)
+    train_scripted(model, fresh, range(20, 30))
+    train_scripted(ref_model, ref, range(20, 30))
+    # (not bitwise: the rebuilt x and y are off by rounding, which the distance estimate,
+    # still small this early, amplifies to ~1e-6)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
