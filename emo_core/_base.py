@@ -479,7 +479,6 @@ class EmoOptimizer(Optimizer):
         explicit: Any,
         closure_value: Any,
         has_closure: bool,
-        has_grads: bool,
         captured: Tensor | None = None,
     ) -> Tensor | None:
         if explicit is not None:
@@ -523,11 +522,13 @@ class EmoOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure_value = closure()
+        # The loss is checked first (a loss of the wrong shape is refused before the lazy
+        # state is created and before the captured sum is taken), then the gradients.
+        loss_t = self._pick_loss(loss, closure_value, closure is not None, capture.peek(self))
         work = self._collect()  # raises before anything changes
         plans = self._prepare(work)  # likewise: every check that can refuse this step
         has_grads = any(work)
-        captured = capture.take(self)
-        loss_t = self._pick_loss(loss, closure_value, closure is not None, has_grads, captured)
+        capture.take(self)  # (what peek returned: the sum is cleared)
         self._pending.update(sum=None, count=0)
         # Every rank must join the same loss collective, whatever it was fed (SPEC §1).
         across_ranks = self.sync_loss and world_size(self.process_group) > 1
@@ -574,6 +575,11 @@ class EmoOptimizer(Optimizer):
         meta["steps"] += 1
         fold = self._count_call(meta) if self.average else False
         self._rounding_streams = 0  # stochastic rounding: one noise stream per bucket
+        # use_shadow turned off: its shadow is dropped (a state_dict keeping it would not
+        # load, and turning it on again would pull towards those old weights)
+        for index in self._flags.pop("shadow_off", ()):
+            for p in self.param_groups[index]["params"]:
+                self.state.get(p, {}).pop("shadow", None)
         # (no gradient at all: nothing steps, so no averaging weight is spent)
         average = self._advance_average(valid, fold) if self.average and has_grads else None
         for group, plan in zip(self.param_groups, plans):
@@ -620,15 +626,25 @@ class EmoOptimizer(Optimizer):
         # FSDP2: check this rank's shard; the flag is folded into the loss, whose cross-rank
         # mean (sync_loss) makes every rank skip together. Complex gradients: the 2-norm of
         # a complex tensor is that of its pairs of reals.
-        by_device = _by_kind([p.grad for params in work for _, p in params], shards=True)
+        # A gradient of another dtype than its parameter (``p.grad_dtype``) is checked
+        # against its parameter's compute dtype, which the update casts it to.
+        params = [p for group in work for _, p in group]
+        grads = [p.grad for p in params]
+        if [g.dtype for g in grads] == [p.dtype for p in params]:  # (the common case)
+            by_device = {
+                (device, dtype, dtype): tensors
+                for (device, dtype), tensors in _by_kind(grads, shards=True).items()
+            }
+        else:
+            by_device = {}
+            for p, g in zip(params, map(local_shard, grads)):
+                by_device.setdefault((g.device, g.dtype, p.dtype), []).append(g)
         if not by_device:
             return None
         finite = []
-        for (_, dtype), grads in by_device.items():
-            real = _REAL_DTYPE.get(dtype, dtype)
-            compute_dtype = default_state_dtype(real, self.state_dtype)
-            if compute_dtype in LOW_PRECISION:
-                compute_dtype = torch.float32
+        for (_, dtype, param_dtype), grads in by_device.items():
+            real = _REAL_DTYPE.get(param_dtype, param_dtype)
+            compute_dtype = _compute_dtype(real, self.state_dtype)
             norm_dtype = compute_dtype if dtype in LOW_PRECISION else None
             peak = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype)).amax()
             finite.append(peak < _overflow_norm(compute_dtype))
@@ -972,7 +988,10 @@ class EmoOptimizer(Optimizer):
             if tensor_lr is not None:
                 candidate["lr"] = tensor_lr
             group.update(candidate)
-            checked[index] = _snapshot(group, self.defaults)
+            before, checked[index] = checked.get(index), _snapshot(group, self.defaults)
+            shadow_was_on = before is not None and before[list(self.defaults).index("use_shadow")]
+            if shadow_was_on and not group["use_shadow"]:  # turned off: dropped at this step
+                self._flags.setdefault("shadow_off", set()).add(index)
 
     def _prepare_bucket(
         self,
@@ -983,14 +1002,16 @@ class EmoOptimizer(Optimizer):
         # Complex parameters are updated as pairs of reals (a dict, as torch.compile cannot
         # trace dtype.to_real()).
         dtype = _REAL_DTYPE.get(originals[0].dtype, originals[0].dtype)
-        compute_dtype = default_state_dtype(dtype, self.state_dtype)
-        if compute_dtype in LOW_PRECISION:
-            compute_dtype = torch.float32  # state may be stored low, math is fp32
+        compute_dtype = _compute_dtype(dtype, self.state_dtype)
         per_param = [self.state[p] for p in originals]  # hashing a tensor is Python code
         for p, state in zip(originals, per_param):
             if not state:
                 created.append((state, None))
                 self._init_full_state(p, group, dtype)
+                # (a parameter new to the optimizer, or replaced and its state removed, as
+                # the shape check advises: the distance controller's sample plan, which
+                # views each tensor by its size, is rebuilt at this step)
+                self._plan["layout"] = None
             elif group["use_shadow"] and "shadow" not in state:  # use_shadow turned on
                 created.append((state, "shadow"))
                 state["shadow"] = self._new_shadow(p, dtype)
@@ -1038,6 +1059,8 @@ class EmoOptimizer(Optimizer):
         param_copies: list[tuple[Tensor, Tensor]] = []
         if originals[0].dtype == compute_dtype:  # real, and no copies (the common case)
             work_params, work_grads = originals, grads
+            if any(g.dtype is not compute_dtype for g in grads):  # (p.grad_dtype set)
+                work_grads = [_as_compute(g, compute_dtype, None) for g in grads]
         else:
             work_params = [_as_compute(p, compute_dtype, param_copies) for p in originals]
             work_grads = [_as_compute(p.grad, compute_dtype, None) for p in originals]
@@ -1323,6 +1346,17 @@ def _hooks_held(opt: Optimizer, *names: str) -> Iterator[dict[Any, Callable[...,
 
 _STREAM_STRIDE = 0x9E3779B97F4A7C15  # (odd, far apart: seeds of nearby steps stay distinct)
 _RANK_STRIDE = 0xC2B2AE3D27D4EB4F
+
+
+def _compute_dtype(dtype: torch.dtype, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the update of a (real) parameter of ``dtype`` is computed in: the state
+    dtype, at least fp32 (state may be stored low, the math is fp32), and never narrower than
+    the parameter itself: fp64 parameters with a narrower ``state_dtype`` keep fp64 math, or
+    every step (a skipped one and an ``lr = 0`` group included) would round them to fp32."""
+    compute = default_state_dtype(dtype, state_dtype)
+    if compute in LOW_PRECISION:
+        compute = torch.float32
+    return torch.promote_types(compute, dtype)
 
 
 def _overflow_norm(dtype: torch.dtype) -> float:

@@ -70,6 +70,7 @@ __all__ = [
     "capture_installed",
     "discard",
     "is_capturing",
+    "peek",
     "release",
     "take",
 ]
@@ -124,6 +125,12 @@ def is_capturing(optimizer: Any) -> bool:
 def capture_installed() -> bool:
     """Whether the wrappers are installed (some capturing optimizer is alive)."""
     return bool(_saved)
+
+
+def peek(optimizer: Any) -> Tensor | None:
+    """What ``optimizer`` captured since its last step or ``zero_grad``, left in place."""
+    buffer = getattr(optimizer, _BUFFER_ATTR, None)
+    return None if buffer is None else buffer["sum"]
 
 
 def take(optimizer: Any) -> Tensor | None:

@@ -305,6 +305,14 @@ def _checked_param_state(
     opt: EmoOptimizer, key: Any, entry: Mapping[str, Any], p: Tensor, use_shadow: bool
 ) -> dict[str, Any]:
     template = _state_template(opt, p, use_shadow)
+    if not use_shadow and "shadow" in entry:
+        # saved after use_shadow was turned off in this group, before its next step (or by
+        # a version that kept the shadow then): the shadow is not used, and not loaded
+        entry = {k: v for k, v in entry.items() if k != "shadow"}
+    if use_shadow and "shadow" not in entry:
+        # use_shadow turned on between steps: a parameter that has had no gradient since
+        # has no shadow yet; its next step creates it, as it would have without the resume
+        del template["shadow"]
     if opt.average and "x" in template:
         if "z" in entry and "x" not in entry:  # emo 0.1's averaged state (upgraded on use)
             template["z"] = template.pop("x")

@@ -98,11 +98,41 @@ def parse_args(
     if argv and not argv[0].startswith("-"):
         parser.set_defaults(**_read_config(parser, argv.pop(0), dataclass_types))
     try:
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False
+        )
     except FlagError as error:
         parser.error(f"argument --{error.flag}: {error}")
     except ValueError as error:  # TrainingArguments' own checks, unused arguments
         parser.error(str(error))
+    try:
+        _check_data_args(data_args, training_args)
+    except FlagError as error:
+        parser.error(f"argument --{error.flag}: {error}")
+    return model_args, data_args, training_args
+
+
+def _check_data_args(data_args: DataArguments, training_args: EmoTrainingArguments) -> None:
+    """Before the text is read and the model built: the data flags' ranges, and an evaluation
+    that would have no data (transformers' ValueError after the model was built)."""
+    if data_args.block_size < 2:
+        raise FlagError("block_size", f"Invalid block_size: {data_args.block_size} (expected >= 2)")
+    if data_args.max_chars is not None and data_args.max_chars < 1:
+        raise FlagError(
+            "max_chars", f"Invalid max_chars: {data_args.max_chars} (expected >= 1, or None)"
+        )
+    if not 0.0 <= data_args.validation_fraction < 1.0:
+        raise FlagError(
+            "validation_fraction",
+            f"Invalid validation_fraction: {data_args.validation_fraction} (expected [0, 1))",
+        )
+    if data_args.validation_fraction == 0.0 and training_args.eval_strategy != "no":
+        raise FlagError(
+            "validation_fraction",
+            "Invalid validation_fraction: 0.0 with eval_strategy="
+            f"{training_args.eval_strategy.value!r}: no text is held out to evaluate on; "
+            "pass a fraction > 0 or --eval_strategy no",
+        )
 
 
 def _read_config(parser: HfArgumentParser, value: str, dataclass_types: tuple) -> dict:
@@ -169,9 +199,13 @@ def main(
     set_seed(training_args.seed)
     tokenizer = build_byte_tokenizer()
     text = stdlib_text(data_args.max_chars)
-    train_set, eval_set = split_blocks(
-        text, tokenizer, data_args.block_size, data_args.validation_fraction
-    )
+    try:
+        train_set, eval_set = split_blocks(
+            text, tokenizer, data_args.block_size, data_args.validation_fraction
+        )
+    except ValueError as error:  # too little text for one block (of the held-out tail)
+        print(f"python -m emo_hf.train: error: argument --block_size: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     model = build_model(model_args, tokenizer, data_args.block_size)
     trainer = EmoTrainer(
         model=model,

@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -97,10 +98,47 @@ class EmoCallback(Callback):
         self._window_start = True
         self._last_step = -1
         self._swapped: list[LearningRateMonitor] = []  # monitors made Emo-aware for a fit
+        self._active = True  # False for a second EmoCallback of the same trainer
+        self._saved_owners: list[str | None] = []  # Emo optimizer that wrote each saved state
 
     # ----------------------------------------------------------------- set-up
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Before the optimizers' states are loaded: which Emo optimizer wrote each one, so
+        # that a resume with another optimizer is one clear error, not torch's bare
+        # KeyError: 'step' (AdamW) from inside Lightning's restore.
+        self._saved_owners = [_saved_owner(s) for s in checkpoint.get("optimizer_states", [])]
+        if trainer.optimizers:  # strategies that restore after setup (FSDP, DeepSpeed)
+            self._check_resumed_optimizers(trainer)
+
+    def _check_resumed_optimizers(self, trainer: pl.Trainer) -> None:
+        owners, self._saved_owners = self._saved_owners, []
+        if trainer.state.fn != TrainerFn.FITTING:  # validate/test/predict load no optimizer
+            return
+        for index, (owner, optimizer) in enumerate(zip(owners, trainer.optimizers)):
+            if owner is not None and unwrap(optimizer) is None:
+                raise ValueError(
+                    f"Invalid ckpt_path: its optimizer state {index} was written by {owner}, but "
+                    f"this run's optimizer {index} is {type(optimizer).__name__}, which cannot "
+                    f"load it. Resume with {owner} (configure_optimizers), or start the new "
+                    "optimizer fresh: load only the weights (LightningModule.load_from_checkpoint, "
+                    "or load_state_dict of the checkpoint's 'state_dict') and fit without ckpt_path"
+                )
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_resumed_optimizers(trainer)
+        # Each attached EmoCallback would feed every micro-batch loss again: set_loss twice,
+        # then add_loss twice, so the step sensed (l1 + 2 l2 + ...)/(2N - 1), not the mean.
+        attached = [cb for cb in trainer.callbacks if isinstance(cb, EmoCallback)]
+        self._active = attached[0] is self
+        if len(attached) > 1 and self._active:
+            rank_zero_warn(
+                f"EmoCallback is attached {len(attached)} times; only the first one feeds the "
+                "loss and logs emo/* (each would feed every micro-batch again). Attach one."
+            )
         if not _emo_optimizers(trainer):
             if not self._warned_no_emo:
                 self._warned_no_emo = True
@@ -175,7 +213,7 @@ class EmoCallback(Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
-        if not pl_module.automatic_optimization:
+        if not pl_module.automatic_optimization or not self._active:
             return  # manual: the user feeds each optimizer (opt.step(loss=loss))
         emo = unwrap(trainer.optimizers[0]) if trainer.optimizers else None
         if emo is None:
@@ -204,7 +242,7 @@ class EmoCallback(Callback):
         if not trainer._logger_connector.should_update_logs:
             return
         optimizers = _emo_optimizers(trainer)
-        if self.log_metrics and trainer.loggers:
+        if self.log_metrics and trainer.loggers and self._active:
             for prefix, emo in _prefixed(optimizers):
                 pl_module.log_dict(
                     emo_core.log_metrics(emo, prefix=prefix),
@@ -236,6 +274,14 @@ def _emo_optimizers(trainer: pl.Trainer) -> list[tuple[int, EmoOptimizer]]:
     """(index in ``trainer.optimizers``, Emo optimizer) for every Emo optimizer."""
     found = ((i, unwrap(opt)) for i, opt in enumerate(trainer.optimizers))
     return [(i, emo) for i, emo in found if emo is not None]
+
+
+def _saved_owner(optimizer_state: Any) -> str | None:
+    """The Emo optimizer whose ``state_dict()`` this is (``"EmoSens"``), or None."""
+    try:
+        return str(optimizer_state["param_groups"][0]["emo_state"]["optimizer"])
+    except (KeyError, IndexError, TypeError):
+        return None
 
 
 def _switch(trainer: pl.Trainer, evaluating: bool) -> None:

@@ -449,6 +449,30 @@ def test_writer_receives_the_documented_tags_every_log_every_steps() -> None:
     assert all(isinstance(value, float) for _, value, _ in writer.calls)
 
 
+@pytest.mark.parametrize("empty", [0, 1])
+def test_logged_lr_is_that_of_groups_with_parameters(empty: int) -> None:
+    # transformers' Trainer makes a decay and a no-decay group, one of them empty for a LoRA
+    # or a norms-only fine-tune; under pulse="distance" the empty one stays at its start
+    # scale (1e-6), and as group 0 it was logged as the run's learning rate.
+    from emo_core import log_metrics
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    groups = [{"params": []}, {"params": list(model.parameters())}]
+    opt = EmoSens(groups[::-1] if empty else groups, pulse="distance")
+    for _ in range(30):
+        x = torch.randn(16, 8)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    trained = opt.get_effective_lr()[1 - empty]
+    assert trained > 1e-5  # (warmed up, the empty group did not)
+    metrics = log_metrics(opt)
+    assert metrics["emo/lr"] == trained
+    assert not any(key.startswith("emo/lr_group") for key in metrics)
+
+
 def test_tensorboard_summary_writer(tmp_path) -> None:
     tensorboard = pytest.importorskip("torch.utils.tensorboard")
     writer = tensorboard.SummaryWriter(log_dir=str(tmp_path))

@@ -174,3 +174,52 @@ def test_bf16_stochastic_rounding_resume_is_reproducible(name: str) -> None:
     train(resumed_params, resumed_opt, range(10, 20))
     for a, b in zip(resumed_params, ref_params):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_fp64_params_with_a_narrower_state_dtype_keep_fp64(name: str, state_dtype) -> None:
+    """The update of fp64 parameters is computed in fp64 whatever ``state_dtype`` stores:
+    computed in fp32 and copied back, every step rounded the whole parameter to fp32, so a
+    skipped step and an ``lr = 0`` group changed it too."""
+    start = 1.0 + 1e-12  # not representable in fp32
+    frozen = torch.full((4, 3), start, dtype=torch.float64, requires_grad=True)
+    trained = torch.full((4, 3), start, dtype=torch.float64, requires_grad=True)
+    groups = [{"params": [frozen], "lr": 0.0}, {"params": [trained]}]
+    opt = OPTIMIZERS[name](groups, state_dtype=state_dtype)
+    for p in (frozen, trained):
+        p.grad = torch.ones_like(p)
+    opt.step(loss=float("nan"))  # skipped: nothing may change
+    assert torch.equal(trained.detach(), torch.full_like(trained, start))
+    opt.step(loss=1.0)
+    assert torch.equal(frozen.detach(), torch.full_like(frozen, start))
+    moved = trained.detach()
+    assert not torch.equal(moved, moved.float().double())  # still fp64 values
+    assert all(v.dtype in (state_dtype, torch.float32) for v in opt.state[trained].values())
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_gradient_of_another_dtype_than_its_parameter_is_cast(name: str, grad_dtype) -> None:
+    """``p.grad_dtype = None`` lets a gradient differ from its parameter's dtype: the step
+    is the one of the cast gradient (the fused and blocked kernels raised halfway through
+    the step, after the loss sensor had advanced), and the overflow rule is the compute
+    dtype's (a fp64 gradient of 1e30 would square to inf in fp32)."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(6, 5, generator=gen)
+    grads = [torch.randn(6, 5, generator=gen).to(grad_dtype) for _ in range(3)]
+    ours = torch.nn.Parameter(start.clone())
+    ours.grad_dtype = None
+    cast = torch.nn.Parameter(start.clone())
+    opt, reference = OPTIMIZERS[name]([ours]), OPTIMIZERS[name]([cast])
+    for step, g in enumerate(grads):
+        ours.grad, cast.grad = g.clone(), g.float()
+        opt.step(loss=1.0 + step)
+        reference.step(loss=1.0 + step)
+    assert torch.equal(ours.detach(), cast.detach())
+    if grad_dtype == torch.float64:
+        before = ours.detach().clone()
+        ours.grad = torch.full((6, 5), 1e30, dtype=torch.float64)
+        opt.step(loss=1.0)
+        assert torch.equal(ours.detach(), before)
+        assert opt.telemetry()["skipped_steps"] == 1.0

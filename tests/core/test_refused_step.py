@@ -77,6 +77,26 @@ def test_a_parameter_replaced_by_one_of_another_shape_is_refused_by_name(name: s
     assert opt.state[model[2].weight]
 
 
+@pytest.mark.parametrize("average", [False, True], ids=["distance", "averaged"])
+@pytest.mark.parametrize("name", NAMES)
+def test_the_documented_way_out_also_works_under_the_distance_pulse(name, average) -> None:
+    """The distance controller's sample plan views each tensor by its size: kept for the
+    old (larger) weight, every later step failed (``setStorage ... out of bounds``)."""
+    if average and name == "emoairy":
+        pytest.skip("EmoAiry has no averaged mode")
+    model, groups = two_group_model()
+    opt = OPTIMIZERS[name](groups, pulse="distance", **({"average": True} if average else {}))
+    train_scripted(model, opt, range(3))
+    model[2].weight.data = torch.zeros(3, 2)  # was (3, 5)
+    set_random_grads(list(model.parameters()), 3)
+    with pytest.raises(RuntimeError, match=r"state\[.*does not (match|fit)"):
+        opt.step(loss=0.5)
+    del opt.state[model[2].weight]
+    train_scripted(model, opt, range(3, 6))
+    assert opt.state[model[2].weight]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 BAD_GROUP_VALUES = [
     (name, key, value, match)
     for name in NAMES
@@ -136,6 +156,61 @@ def test_use_shadow_turned_on_between_steps_starts_its_shadow_there(name: str) -
         assert torch.isfinite(p).all()
         shadow = opt.state[p]["shadow"]  # started at the parameter, then followed it
         assert (shadow - snapshot[name_]).abs().max() <= (p - snapshot[name_]).abs().max()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_use_shadow_turned_off_between_steps_drops_its_shadow(name: str) -> None:
+    """Turned off, the shadow stayed in the state: the state_dict then did not load (its
+    group says use_shadow=False, its state holds a shadow), not even into the optimizer
+    that wrote it, and turned on again the shadow pulled towards the old weights."""
+    model, groups = two_group_model()
+    opt = OPTIMIZERS[name](groups, use_shadow=True)
+    train_scripted(model, opt, range(3))
+    opt.param_groups[1]["use_shadow"] = False
+    saved_before_the_step = copy.deepcopy(opt.state_dict())
+    train_scripted(model, opt, range(3, 5))
+    assert all("shadow" in opt.state[p] for p in model[0].parameters())
+    assert not any("shadow" in opt.state[p] for p in model[2].parameters())
+    for saved in (saved_before_the_step, copy.deepcopy(opt.state_dict())):
+        opt.load_state_dict(saved)
+        _, fresh_groups = two_group_model()
+        OPTIMIZERS[name](fresh_groups).load_state_dict(saved)
+        assert not any("shadow" in opt.state[p] for p in model[2].parameters())
+    opt.param_groups[1]["use_shadow"] = True  # on again: a new shadow, at the weights now
+    now = [p.detach().clone() for p in model[2].parameters()]
+    set_random_grads(list(model.parameters()), 5)
+    opt.step(loss=0.5)
+    for before, p in zip(now, model[2].parameters()):
+        shadow = opt.state[p]["shadow"]
+        assert (shadow - before).abs().max() <= (p - before).abs().max()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_use_shadow_turned_on_while_a_parameter_has_no_gradient_resumes(name: str) -> None:
+    """A parameter with state but no gradient since use_shadow was turned on has no shadow
+    yet: its state_dict was refused ("lacks ['shadow']"); it loads, and the resumed run
+    creates that shadow where the uninterrupted one does."""
+    runs = []
+    for resume in (False, True):
+        model, groups = two_group_model()
+        opt = OPTIMIZERS[name](groups)
+        train_scripted(model, opt, range(3))
+        opt.param_groups[1]["use_shadow"] = True
+        model[2].requires_grad_(False)  # no gradient for a while
+        for p in model[2].parameters():
+            p.grad = None
+        set_random_grads(list(model[0].parameters()), 3)
+        opt.step(loss=0.5)
+        assert not any("shadow" in opt.state[p] for p in model[2].parameters())
+        if resume:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = OPTIMIZERS[name]([{"params": model[i].parameters()} for i in (0, 2)])
+            opt.load_state_dict(saved)
+        model[2].requires_grad_(True)
+        train_scripted(model, opt, range(4, 6))
+        runs.append((copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())))
+    assert_same(runs[0][0], runs[1][0])
+    assert_same(runs[0][1], runs[1][1])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -214,3 +289,31 @@ def test_fp16_state_saturates_instead_of_overflowing(optimizer: type) -> None:
                 assert torch.isfinite(value).all()
     assert opt.telemetry()["skipped_steps"] == 0
     opt.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("kwargs", list(CASES.values()), ids=list(CASES))
+def test_a_step_refused_for_its_loss_creates_no_state_and_keeps_the_capture(kwargs) -> None:
+    """``step(loss=per_sample_losses)`` (a loss not reduced) is refused before the lazy state
+    is created and before the loss captured since the last step is taken: fixed and retried,
+    the step is the one an optimizer that never saw the bad call takes."""
+    model, groups = two_group_model()
+    opt = EmoSens(groups, capture_loss=True, **kwargs)
+    reference_model, reference_groups = two_group_model()
+    reference = EmoSens(reference_groups, capture_loss=True, **kwargs)
+    try:
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+        for m in (model, reference_model):
+            m(x).pow(2).mean().backward()  # both capture this loss
+        before = copy.deepcopy(opt.state_dict())
+        with pytest.raises(ValueError, match="one-element"):
+            opt.step(loss=model(x).pow(2).mean(dim=1))
+        assert not opt.state
+        assert_same(opt.state_dict(), before)
+        opt.step()  # senses the captured loss
+        reference.step()
+        assert_same(model.state_dict(), reference_model.state_dict())
+        assert_same(opt.state_dict(), reference.state_dict())
+        assert opt.telemetry()["sensed_steps"] == 1.0
+    finally:
+        opt.close()
+        reference.close()

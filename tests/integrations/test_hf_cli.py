@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -85,6 +86,27 @@ def test_json_config_with_overrides_and_lora(tmp_path):
     trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
     assert not (tmp_path / "loss_curve.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--validation_fraction", "0"], r"--validation_fraction: .*eval_strategy='steps'"),
+        (["--validation_fraction", "1.5"], r"--validation_fraction: Invalid validation_fraction"),
+        (["--block_size", "1"], r"--block_size: Invalid block_size: 1"),
+        (["--max_chars", "0"], r"--max_chars: Invalid max_chars: 0"),
+        (["--validation_fraction", "0.9999"], r"--block_size: .*exceeds the \d+ tokens"),
+    ],
+)
+def test_bad_data_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, match):
+    # The shipped config evaluates every 100 steps: --validation_fraction 0 left no eval set,
+    # and transformers' ValueError came as a traceback once the model was built.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["emosens", *TINY, "--output_dir", str(tmp_path), "--max_steps", "1", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: argument " + match, err), err
+    assert "Traceback" not in err
 
 
 def test_json_config_rejects_unknown_keys(tmp_path, capsys):

@@ -103,6 +103,18 @@ def test_accumulation_feeds_mean_micro_batch_loss(precision: str) -> None:
     assert_sensed(trainer.optimizers[0], window_means(model.recorded, n))
 
 
+def test_a_callback_attached_twice_still_feeds_the_mean_and_warns() -> None:
+    # Both fed every micro-batch: (l1 + 2 l2 + 2 l3)/5 instead of the window mean, silently.
+    n = 3
+    model = Regression()
+    trainer = make_trainer(
+        max_epochs=2, accumulate_grad_batches=n, callbacks=[EmoCallback(), EmoCallback()]
+    )
+    with pytest.warns(UserWarning, match="EmoCallback is attached 2 times"):
+        trainer.fit(model, DataLoader(regression_data(40), batch_size=4))
+    assert_sensed(trainer.optimizers[0], window_means(model.recorded, n))
+
+
 def test_without_callback_the_closure_value_is_sensed() -> None:
     # The documented fallback: the closure returns the last micro-batch's loss / N.
     n = 2
@@ -458,6 +470,28 @@ def test_resume_from_epoch_checkpoint_is_bitwise_exact(optimizer: type, tmp_path
         assert torch.equal(a, b), name
     opt_full, opt_resumed = full.trainer.optimizers[0], resumed.trainer.optimizers[0]
     assert opt_full.telemetry() == opt_resumed.telemetry()
+
+
+@pytest.mark.parametrize(
+    "other", [partial(torch.optim.AdamW, lr=1e-3), partial(torch.optim.SGD, lr=1e-2, momentum=0.9)]
+)
+def test_an_emo_checkpoint_resumed_with_another_optimizer_is_one_clear_error(
+    other: Any, tmp_path: Path
+) -> None:
+    """torch's AdamW met EmoSens's state inside Lightning's restore: a bare KeyError: 'step'
+    (SGD: KeyError: 'momentum' at its first step). The callback names both and the fix."""
+    data = DataLoader(regression_data(16), batch_size=4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    make_trainer(
+        max_epochs=1, callbacks=[EmoCallback(), checkpoint], enable_checkpointing=True
+    ).fit(Regression(), data)
+    module = Regression(other)
+    trainer = make_trainer(max_epochs=2, callbacks=[EmoCallback()])
+    with pytest.raises(ValueError, match=r"written by EmoSens, but this run's optimizer 0 is"):
+        trainer.fit(module, data, ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    fresh = make_trainer(max_epochs=1, callbacks=[EmoCallback()])  # without ckpt_path: trains
+    fresh.fit(module, data)
+    assert fresh.global_step == 4
 
 
 class ResumableLoader(DataLoader):
