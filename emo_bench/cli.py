@@ -49,6 +49,7 @@ JSON fields (non-finite numbers are ``null``):
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -93,6 +94,12 @@ def _out_folder(value: str) -> Path:
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{value!r} is a file, expected a folder")
+    # the folder is made after the run: its nearest existing parent must take it
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not path.exists() and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is inside {str(parent)!r}, a file")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{value!r} is not writable")
     return path
 
 
@@ -105,6 +112,11 @@ def _seeds(value: str) -> list[int]:
         ) from None
     if not seeds:
         raise argparse.ArgumentTypeError("Invalid --seeds: empty (e.g. --seeds 0,1,2)")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:  # (the same run twice: its std 0 said nothing about seeds)
+        raise argparse.ArgumentTypeError(
+            f"Invalid --seeds: {value!r} ({', '.join(map(str, twice))} given twice)"
+        )
     return seeds
 
 
@@ -123,10 +135,17 @@ def _device(value: str) -> torch.device:
         device = torch.device(value)
     except RuntimeError as err:
         raise argparse.ArgumentTypeError(f"Invalid --device: {value!r} ({err})") from None
+    if device.type not in ("cpu", "cuda"):  # (meta, mps, ...: a bare error in the first run)
+        raise argparse.ArgumentTypeError(f"Invalid --device: {value!r} (expected cpu or cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(
             "Invalid --device: cuda, but torch.cuda.is_available() is False on this machine "
             "(use --device cpu)"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"Invalid --device: {value!r}, but this machine has {torch.cuda.device_count()} "
+            "CUDA device(s)"
         )
     return device
 
@@ -332,6 +351,27 @@ def run_quality_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]
     return doc
 
 
+def _check_speed_optimizers(wanted: list[str], entries: list, quick: bool, device) -> None:
+    """A name that only the full run (or ``--compile``) times: say so, not "Invalid"."""
+    from .speed import compiled_entries, speed_entries
+
+    def timed(name: str, names: list[str]) -> bool:
+        return any(_slug(a).startswith(_slug(name)) for a in names)
+
+    here = [e.name for e in entries]
+    full = [e.name for e in speed_entries(False, device)]
+    compiled = [e.name for e in compiled_entries()]
+    for name in wanted:
+        if timed(name, here):
+            continue
+        if quick and timed(name, full):
+            raise _usage_error(
+                f"--optimizers: {name} is not timed in quick mode (drop --quick to time it)"
+            )
+        if timed(name, compiled):
+            raise _usage_error(f"--optimizers: {name} is timed only with --compile")
+
+
 def run_speed_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
     from .plots import plot_speed
     from .speed import (
@@ -352,8 +392,16 @@ def run_speed_command(args: argparse.Namespace, quick: bool) -> dict[str, Any]:
         entries += compiled_entries()
     wanted = getattr(args, "optimizers", None)
     if wanted:
+        _check_speed_optimizers(wanted, entries, quick, args.device)
         names = set(_pick(wanted, [e.name for e in entries], "--optimizers")) | set(REFERENCE)
         entries = [e for e in entries if e.name in names]
+    timed = [_slug(e.name) for e in entries]
+    unknown = [n for n in getattr(args, "profile", None) or [] if _slug(n) not in timed]
+    if unknown:  # (was: the whole run, then nothing printed for them)
+        raise _usage_error(
+            f"Invalid --profile: {', '.join(unknown)} (an optimizer this run times: "
+            f"{', '.join(timed)})"
+        )
     chosen = layouts(quick)
     if getattr(args, "layouts", None):
         names = _pick(args.layouts, [lay.name for lay in chosen], "--layouts")

@@ -87,6 +87,15 @@ def register_trainable_checkpointing(accelerator: Any) -> None:
                     f"(missing e.g. {sorted(expected - set(state))[:3]}, "
                     f"unexpected e.g. {sorted(set(state) - expected)[:3]})"
                 )
+            shapes = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
+            wrong = sorted(n for n in expected if tuple(state[n].shape) != shapes[n])
+            if wrong:  # (load_state_dict's bare RuntimeError, one line per tensor)
+                raise ValueError(
+                    f"Invalid resume_from_checkpoint: {path} holds {wrong[0]} of shape "
+                    f"{tuple(state[wrong[0]].shape)} but the model's is {shapes[wrong[0]]} "
+                    f"({len(wrong)} of {len(expected)} tensors differ); resume with the same "
+                    "--rank and LoRA flags"
+                )
             module.load_state_dict(state, strict=False)
         models.clear()  # loaded here; accelerate loads no full state dicts
 

@@ -85,7 +85,9 @@ def load_images(
     if channels not in (1, 3):
         raise ValueError(
             f"Invalid image channels: {channels} (the transformer's latent channels / 4 must "
-            "be 1 for grey or 3 for RGB images; use in_channels 4 or 12)"
+            "be 1 for grey or 3 for RGB images; use in_channels 4 or 12 for SD3, 16 or 48 for "
+            "Flux, which packs 2x2 latent patches; real SD3/Flux checkpoints need a VAE, which this "
+            "script does not use)"
         )
     if train_data_dir is None:
         return _digits(resolution, channels)
@@ -106,7 +108,8 @@ def _digits(resolution: int, channels: int) -> ImageSet:
 def _class_folders(root: Path) -> list[tuple[str, Path]]:
     if not root.is_dir():
         raise ValueError(f"Invalid train_data_dir: {str(root)!r} is not a directory")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    # (hidden folders are no classes: .ipynb_checkpoints, .git, ...)
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     return [(p.name, p) for p in subdirs] if subdirs else [(root.name, root)]
 
 
@@ -129,6 +132,8 @@ def _folder(root: Path, resolution: int, channels: int) -> ImageSet:
                 continue
             try:
                 with Image.open(path) as img:
+                    if img.mode.startswith("I"):  # 16-bit grey: convert() clips at 255 (white)
+                        img = img.point(lambda v: v / 257)
                     img = img.convert(mode).resize(
                         (resolution, resolution), Image.Resampling.BICUBIC
                     )
@@ -144,6 +149,12 @@ def _folder(root: Path, resolution: int, channels: int) -> ImageSet:
         raise ValueError(
             f"Invalid train_data_dir: no readable images ({', '.join(IMAGE_SUFFIXES)}) in "
             f"{str(root)!r} or its sub-folders{unreadable}"
+        )
+    empty = [name for k, (name, _) in enumerate(sources) if k not in labels]
+    if empty:  # a class with no images was trained on nothing but sampled and measured
+        raise ValueError(
+            f"Invalid train_data_dir: no readable images in the class folder(s) "
+            f"{', '.join(empty)} of {str(root)!r} (each sub-folder is a class; remove them)"
         )
     stacked = torch.stack(images).float() / 127.5 - 1.0
     return ImageSet(stacked, torch.tensor(labels), tuple(name for name, _ in sources))

@@ -31,7 +31,9 @@ import difflib
 import json
 import logging
 import math
+import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,7 +330,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.pretrain_steps < 0:
         parser.error(f"--pretrain_steps must be >= 0, got {args.pretrain_steps}")
     try:
-        parse_optimizer_args(args.optimizer, args.optimizer_args)
+        _check_resolution(args)
+        _check_optimizer(args)
         names = class_names(args.train_data_dir)
         class_indices(args.train_classes, names, "train_classes")
         if args.pretrained_model_name_or_path is None:
@@ -336,6 +339,75 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+def _base_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """``(model_type, transformer config)`` of the base the run will load."""
+    if args.pretrained_model_name_or_path is not None:
+        config_file = Path(args.pretrained_model_name_or_path) / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        model_type = {v: k for k, v in MODEL_TYPES.items()}.get(config.get("_class_name"), "sd3")
+        return model_type, config
+    return args.model_type, args.transformer_config or TINY_CONFIGS[args.model_type]
+
+
+def _check_resolution(args: argparse.Namespace) -> None:
+    """What the transformer and the classifier need of the latent size (resolution / 2).
+
+    (Without it an SD3 patch_size 2 at --resolution 6 or 10 failed in its first forward, in
+    pretraining or training, with a bare tensor-size RuntimeError; --evaluate's classifier
+    refused a resolution not a multiple of 4 only after the whole run.)
+    """
+    resolution = args.resolution
+    model_type, config = _base_config(args)
+    latent = resolution // 2
+    if model_type == "sd3":
+        patch = int(config.get("patch_size", 2))
+        if latent % patch:
+            raise ValueError(
+                f"Invalid resolution: {resolution} (latents are {latent}x{latent}, not a "
+                f"multiple of the transformer's patch_size {patch}: use a multiple of "
+                f"{2 * patch})"
+            )
+        limit = config.get("pos_embed_max_size", 96)
+        if limit and latent // patch > limit:
+            raise ValueError(
+                f"Invalid resolution: {resolution} ({latent // patch} patches a side, more "
+                f"than the transformer's pos_embed_max_size {limit}: at most {2 * patch * limit})"
+            )
+    elif latent % 2:
+        raise ValueError(
+            f"Invalid resolution: {resolution} (Flux packs 2x2 latent patches: use a multiple of 4)"
+        )
+    if args.evaluate and resolution % 4:
+        raise ValueError(
+            f"Invalid resolution: {resolution} (the --evaluate classifier needs a multiple of "
+            "4; or pass --no-evaluate)"
+        )
+
+
+def _check_optimizer(args: argparse.Namespace) -> None:
+    """Build the optimizer once on a dummy parameter, so that its range checks (lr,
+    weight_decay, optimizer_args) fail now, not after the base is pretrained."""
+    dummy = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        with warnings.catch_warnings():  # (the run's own optimizer warns, once)
+            warnings.simplefilter("ignore")
+            probe = build_optimizer(
+                args.optimizer,
+                dummy,
+                lr=args.learning_rate,
+                weight_decay=args.weight_decay,
+                stochastic_rounding=args.stochastic_rounding,
+                optimizer_args=args.optimizer_args,
+            )
+    except ValueError as error:
+        message = str(error)
+        if message.startswith("Invalid lr:"):  # the optimizer's name; the flag's is:
+            message = re.sub(r"\blr\b", "learning_rate", message)
+        raise ValueError(message) from None
+    if hasattr(probe, "close"):  # capture_loss=True: do not keep the probe's backward patch
+        probe.close()
 
 
 def class_indices(text: str | None, names: Sequence[str], option: str) -> list[int]:
@@ -753,11 +825,39 @@ def save_outputs(setup: TrainingSetup) -> tuple[dict[str, Path], dict[str, Any]]
     return paths, metrics
 
 
+def _refuse_other_runs_checkpoints(args: argparse.Namespace) -> None:
+    """A new run (no --resume_from_checkpoint) in an output_dir that holds checkpoints.
+
+    They are an earlier run's: this run overwrites those at its own checkpointing steps
+    and leaves the others, so ``--resume_from_checkpoint latest`` later resumed from one of
+    them (another run's weights, optimizer state and history) without a word.
+    """
+    if args.resume_from_checkpoint is not None or not Path(args.output_dir).is_dir():
+        return
+    found = sorted(
+        (
+            p
+            for p in Path(args.output_dir).iterdir()
+            if p.is_dir()
+            and p.name.startswith(CHECKPOINT_PREFIX)
+            and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        ),
+        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]),
+    )
+    if found:
+        raise ValueError(
+            f"Invalid output_dir: {args.output_dir!r} holds another run's checkpoints "
+            f"({', '.join(p.name for p in found)}); continue that run with "
+            "--resume_from_checkpoint latest, or remove them, or pass another --output_dir"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train, save, and return the run's summary (also written to ``metrics.json``)."""
     start = time.perf_counter()
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
+    _refuse_other_runs_checkpoints(args)
     output_dir.mkdir(parents=True, exist_ok=True)
     setup = build_training(args)
     train_start = time.perf_counter()

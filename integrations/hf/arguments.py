@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -173,6 +174,10 @@ class EmoArgumentsMixin:
                 dummy, lr=self.learning_rate, weight_decay=self.weight_decay, **kwargs
             )
         except ValueError as error:
+            # lr and weight_decay come from these arguments' own fields: name the field
+            for flag, key in (("learning_rate", "lr"), ("weight_decay", "weight_decay")):
+                if str(error).startswith(f"Invalid {key}:"):
+                    raise FlagError(flag, re.sub(rf"\b{key}\b", flag, str(error))) from None
             if any(key in str(error) for key in kwargs):
                 raise FlagError("optim_args", f"{error} (optim_args={self.optim_args!r})") from None
             raise

@@ -182,11 +182,75 @@ def test_bad_arguments_name_the_flag(argv: list[str], message: str, capsys) -> N
     assert message in text
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--quick", "--optimizers", "prodigy"],
+            "--optimizers: prodigy is not timed in quick mode",
+        ),
+        (["--quick", "--optimizers", "emosens-use"], "emosens-use is not timed in quick mode"),
+        (["--optimizers", "emocats-compiled"], "emocats-compiled is timed only with --compile"),
+    ],
+)
+def test_speed_optimizers_left_out_by_a_flag_say_which_flag(argv, message, capsys) -> None:
+    """Prodigy is timed by the full run only: "Invalid --optimizers: prodigy" was wrong."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(["speed", *argv, "--no-progress"])
+    assert err.value.code == 2
+    text = capsys.readouterr().err
+    assert message in text and "Invalid" not in text
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_the_run(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """--out inside a file failed with a bare NotADirectoryError after the whole run."""
+    from emo_bench import quality
+
+    monkeypatch.setattr(quality, "run_quality", lambda *a, **k: pytest.fail("ran first"))
+    a_file = tmp_path / "results.md"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as err:
+        cli.main(["quality", "--out", str(a_file / "run1"), "--no-progress"])
+    assert err.value.code == 2
+    assert "argument --out: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_a_device_the_benchmarks_cannot_run_on_is_refused(device, capsys) -> None:
+    """meta/mps parsed, then the first run failed with a bare RuntimeError."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(["speed", "--device", device, "--no-progress"])
+    assert err.value.code == 2
+    assert f"argument --device: Invalid --device: {device!r}" in capsys.readouterr().err
+
+
 def test_an_exact_optimizer_name_picks_one_entry_and_a_prefix_picks_all() -> None:
     names = ["AdamW fused", "AdamW foreach", "EmoCats", "EmoCats compile_update"]
     assert cli._pick(["emocats"], names, "--optimizers") == ["EmoCats"]
     assert cli._pick(["emocats-compile"], names, "--optimizers") == ["EmoCats compile_update"]
     assert cli._pick(["adamw"], names, "--optimizers") == ["AdamW fused", "AdamW foreach"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--profile", "emosnes"],
+        ["--profile", "emosens,nosuch"],
+        ["--profile", "emosens", "--optimizers", "emocats"],  # profiled only if timed
+        ["--quick", "--profile", "prodigy"],
+    ],
+)
+def test_speed_profile_names_are_checked_before_the_run(argv, capsys, monkeypatch) -> None:
+    """An unknown --profile name was skipped silently after the whole timing run."""
+    from emo_bench import speed
+
+    monkeypatch.setattr(speed, "run_speed", lambda **kw: pytest.fail("ran before the check"))
+    with pytest.raises(SystemExit) as err:
+        cli.main(["speed", *argv, "--no-progress"])
+    assert err.value.code == 2
+    assert "emo-bench: error: Invalid --profile: " in capsys.readouterr().err
 
 
 def test_compare_scores_a_factory_against_a_stored_tuned_adamw(tmp_path: Path, capsys) -> None:
@@ -217,6 +281,17 @@ def test_compare_scores_a_factory_against_a_stored_tuned_adamw(tmp_path: Path, c
     assert "| SGD | " in str(result) and str(path) in str(result)
     with pytest.raises(ValueError, match="no stored tuned AdamW for conv"):
         compare(sgd, workloads=["conv"], seeds=[0], reference=path)
+
+
+def test_a_seed_given_twice_is_refused(capsys, monkeypatch) -> None:
+    """--seeds 0,0 ran seed 0 twice and reported 2 seeds with std 0."""
+    from emo_bench import quality
+
+    monkeypatch.setattr(quality, "run_quality", lambda *a, **k: pytest.fail("ran first"))
+    with pytest.raises(SystemExit) as err:
+        cli.main(["quality", "--seeds", "0,1,0", "--no-progress"])
+    assert err.value.code == 2
+    assert "argument --seeds: Invalid --seeds: '0,1,0' (0 given twice)" in capsys.readouterr().err
 
 
 def test_an_installed_package_has_no_stored_reference_and_says_what_to_pass(

@@ -139,6 +139,49 @@ def test_a_bad_value_is_refused_before_training(
 
 
 @pytest.mark.parametrize(
+    ("model_type", "argv", "message"),
+    [
+        ("sd3", ["--resolution", "6"], "resolution: 6 (latents are 3x3, not a multiple of"),
+        ("sd3", ["--resolution", "10", "--no-evaluate"], "of the transformer's patch_size 2"),
+        ("sd3", ["--resolution", "36"], "more than the transformer's pos_embed_max_size 8"),
+        ("flux", ["--resolution", "10", "--no-evaluate"], "Flux packs 2x2 latent patches"),
+        (
+            "sd3",
+            ["--resolution", "6", "--evaluate", "--transformer_config", '{"patch_size": 1}'],
+            "the --evaluate classifier needs a multiple of 4",
+        ),
+    ],
+)
+def test_a_resolution_the_model_cannot_take_is_refused_before_training(
+    model_type: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Even was not enough: SD3 failed in its first forward with a bare RuntimeError."""
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(CONFIGS[model_type]), *argv])
+    assert message in capsys.readouterr().err
+    parse_args(["--config", str(CONFIGS[model_type]), "--resolution", "12"])  # fine
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--learning_rate", "-1"], "Invalid learning_rate: -1.0 (expected finite 0.0 < learning"),
+        (["--weight_decay", "-1"], "Invalid weight_decay: -1.0"),
+        (["--optimizer_args", "max_lr=-1"], "Invalid max_lr: -1.0"),
+        (["--optimizer_args", "min_lr=1", "max_lr=0.1"], "min_lr"),
+        (["--optimizer", "adamw", "--learning_rate", "-1"], "Invalid learning rate: -1.0"),
+    ],
+)
+def test_an_out_of_range_optimizer_value_is_refused_before_pretraining(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The optimizer checked its values when built: after the base's 3000 pretraining steps."""
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(CONFIGS["sd3"]), *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
         ("optimizer: sgd\n", "invalid choice: 'sgd'"),
@@ -387,6 +430,47 @@ def test_train_data_dir_of_generated_pngs(tmp_path: Path) -> None:
         load_images(16, 1, empty)
     with pytest.raises(ValueError, match="pretrained_model_name_or_path.*config.json"):
         load_transformer(empty, torch.float32)
+
+
+def test_train_data_dir_hidden_folders_are_no_classes_and_empty_ones_are_refused(
+    tmp_path: Path,
+) -> None:
+    """An empty (or a hidden .ipynb_checkpoints) folder was a class with no images: sampled
+    and measured, it capped sample_accuracy_lora at the share of the real classes."""
+    from PIL import Image
+
+    from emo_diffusers.data import class_names
+
+    data = tmp_path / "data"
+    for name in ("a", "b", ".ipynb_checkpoints"):
+        (data / name).mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.new("L", (16, 16), 255).save(data / name / "0.png")
+    assert class_names(data) == ("a", "b")
+    assert load_images(16, 1, data).class_names == ("a", "b")
+    (data / "c").mkdir()
+    (data / "c" / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match=r"no readable images in the class folder\(s\) c of"):
+        load_images(16, 1, data)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_train_data_dir_16_bit_grey_pngs_keep_their_values(tmp_path: Path, channels: int) -> None:
+    """PIL's convert("L") clips 16-bit values at 255: every mid-grey image came out white."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16), 32896, np.uint16)).save(tmp_path / "grey.png")  # 128 * 257
+    assert Image.open(tmp_path / "grey.png").mode.startswith("I")
+    images = load_images(16, channels, tmp_path).images
+    assert images.shape == (1, channels, 16, 16)
+    assert torch.allclose(images, torch.full_like(images, 128 / 127.5 - 1.0), atol=1e-6)
+
+
+def test_a_real_sd3_or_flux_latent_width_is_refused_with_what_fits() -> None:
+    """Real SD3 (in_channels 16) and Flux (64) give 16 latent channels: 4 image channels."""
+    with pytest.raises(ValueError, match=r"in_channels 4 or 12 for SD3, 16 or 48 for Flux"):
+        load_images(16, 4)
 
 
 def test_euler_sampling_reaches_the_data_with_the_exact_velocity() -> None:

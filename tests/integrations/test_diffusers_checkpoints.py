@@ -144,3 +144,25 @@ def test_an_emo_checkpoint_resumed_with_another_optimizer_is_one_clear_error(
     argv = _argv(tmp_path / "other", base, 4, "--resume_from_checkpoint", str(out / "checkpoint-2"))
     with pytest.raises(ValueError, match=r"holds the state of EmoSens.*--optimizer emosens"):
         main([*argv, "--optimizer", optimizer])
+
+
+def test_a_checkpoint_resumed_with_another_rank_is_one_clear_error(tmp_path: Path) -> None:
+    """The same LoRA tensors at another --rank failed with load_state_dict's bare
+    RuntimeError (a "size mismatch" line per tensor)."""
+    out, base = tmp_path / "out", tmp_path / "base"
+    main(_argv(out, base, 2, "--checkpointing_steps", "2", "--rank", "2"))
+    argv = _argv(tmp_path / "other", base, 4, "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    with pytest.raises(ValueError, match=r"lora_A.* of shape \(2, .*same --rank and LoRA flags"):
+        main([*argv, "--rank", "4"])
+
+
+def test_a_new_run_in_an_output_dir_with_another_runs_checkpoints_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A 4-step run in a 6-step run's folder left its checkpoint-6, which ``latest`` then
+    resumed from: the other run's LoRA, optimizer state and history, silently."""
+    out, base = tmp_path / "out", tmp_path / "base"
+    main(_argv(out, base, 6, "--checkpointing_steps", "2"))
+    with pytest.raises(ValueError, match=r"holds another run's checkpoints \(checkpoint-2, "):
+        main(_argv(out, base, 4, "--checkpointing_steps", "2", "--learning_rate", "0.5"))
+    main(_argv(out, base, 8, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"))

@@ -99,6 +99,23 @@ def test_cli_bad_optim_args_name_the_flag_and_exit_2(tmp_path, capsys, optim_arg
     assert "Traceback" not in err and len(err.splitlines()) <= 3  # short usage, one error
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("learning_rate", "-1"), ("learning_rate", "0"), ("weight_decay", "-0.1")]
+)
+def test_cli_bad_learning_rate_or_weight_decay_names_the_flag_and_exits_2(
+    tmp_path, capsys, flag, value
+):
+    """The optimizer's range check said ``Invalid lr: -1.0``: no such flag on this CLI."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--output_dir", str(tmp_path), "--optim", "emosens", f"--{flag}", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument --{flag}: Invalid {flag}: {float(value)!r} (expected finite" in err
+    assert "lr:" not in err and "Traceback" not in err
+    with pytest.raises(ValueError, match=rf"Invalid {flag}: .*< ?=? ?{flag}\)"):
+        make_args(tmp_path, optim="emocats", **{flag: float(value)})
+
+
 def test_learning_rate_defaults_to_one_for_emo_and_says_so(tmp_path):
     with pytest.warns(UserWarning, match=r"learning_rate not set, using 1\.0") as caught:
         args = make_args(tmp_path, optim="emosens")
