@@ -31,10 +31,16 @@ WARMUP = 100.0
 Z_FALLING = 2.0
 """The loss counts as falling while the slow-minus-fast gap exceeds this many standard
 deviations that batch noise alone would give the gap."""
+Z_STARTED = 4.0
+"""Settling starts once the gap has exceeded this many standard deviations at least once
+(latched in ``fell``): a loss that has not fallen yet is a plateau before anything was
+learnt (a scale still near its warm start, a zero-initialised head), not a noise ball of a
+step that has stopped paying. Stricter than :data:`Z_FALLING`, so that batch noise alone
+does not set it (a 2-sigma excursion comes by chance within the first few hundred steps)."""
 RATE = 0.5
 """While not falling, ``a`` shrinks by ``RATE/H_slow`` per step: at most e^-2 per doubling
 of the step count (``a ∝ t^-2`` on a loss that never falls again)."""
-SETTLE_KEYS = frozenset({"settle", "n", "l_fast", "l_slow", "l_var"})
+SETTLE_KEYS = frozenset({"settle", "n", "l_fast", "l_slow", "l_var", "fell"})
 """The entries this module adds to the controller state (defaulted on older loads)."""
 
 
@@ -50,6 +56,7 @@ def init_settle_state(device: torch.device, dtype: torch.dtype) -> dict[str, Ten
         "l_fast": scalar(0.0),
         "l_slow": scalar(0.0),
         "l_var": scalar(0.0),
+        "fell": torch.zeros((), dtype=torch.bool, device=device),  # seen falling yet
     }
 
 
@@ -82,8 +89,11 @@ def settle_update(state: dict[str, Tensor], loss: Tensor, valid: Tensor) -> dict
 
     noise = torch.sqrt(l_var) * _gap_std_factor(a_fast, a_slow)
     scale = torch.clamp(torch.maximum(noise, 1e-12 * l_slow.abs()), min=1e-300)
-    falling = (l_slow - l_fast) > Z_FALLING * scale
-    settling = (n > WARMUP) & ~falling
+    gap = l_slow - l_fast
+    falling = gap > Z_FALLING * scale
+    # (a factor below 1 was annealed by a state saved before the latch existed: it had fallen)
+    fell = state["fell"] | (state["settle"] < 1.0) | (gap > Z_STARTED * scale)
+    settling = (n > WARMUP) & ~falling & fell
     factor = torch.where(settling, 1.0 - RATE / slow_horizon, torch.ones_like(n))
     new = {
         "settle": state["settle"] * factor,
@@ -91,5 +101,6 @@ def settle_update(state: dict[str, Tensor], loss: Tensor, valid: Tensor) -> dict
         "l_fast": l_fast,
         "l_slow": l_slow,
         "l_var": l_var,
+        "fell": fell,
     }
     return {key: torch.where(valid, value, state[key]) for key, value in new.items()}

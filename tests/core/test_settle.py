@@ -50,16 +50,42 @@ def test_a_loss_that_keeps_falling_like_a_power_law_is_never_settled():
 
 
 def test_a_flat_noisy_loss_settles_and_settles_faster_than_it_would_by_chance():
-    factors = run(noisy(2000, lambda t: 1.0, noise=0.1))
+    # a clear fall for 150 steps (the step pays), then flat: the noise ball of a found step
+    fall = noisy(150, lambda t: 1.0 + 2.0 * (1 - t / 150), noise=0.1)
+    factors = run(fall + noisy(1850, lambda t: 1.0, noise=0.1, seed=1))
     assert factors[99] == 1.0  # no decision before the warm-up
     assert factors[-1] < 0.05
     assert all(b <= a for a, b in zip(factors, factors[1:]))  # never grows
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_a_loss_that_has_not_fallen_yet_is_not_settled(seed):
+    """A plateau before anything was learnt (the scale still near its warm start, a
+    zero-initialised head) is not a noise ball: annealing there kept the LR near D0 for
+    good. Batch noise alone does not count as a first fall."""
+    factors = run(noisy(2000, lambda t: 1.0, noise=0.1, seed=seed))
+    assert factors[-1] == 1.0
+    # once it falls, settling starts as usual
+    late = noisy(600, lambda t: 1.0, seed=seed) + noisy(200, lambda t: 1.0 - 0.004 * t, seed=9)
+    factors = run(late + noisy(2400, lambda t: 0.2, seed=seed + 1))
+    assert factors[599] == 1.0 and factors[-1] < 0.75
+
+
+def test_a_state_saved_before_the_latch_keeps_settling():
+    """A state without ``fell`` whose factor had annealed (it had fallen, by the old rule)
+    goes on settling; one that never annealed waits for a fall."""
+    saved = states(noisy(150, lambda t: 3.0 - t / 75) + noisy(400, lambda t: 1.0, seed=1))[-1]
+    assert float(saved["settle"]) < 1.0
+    old = {k: v for k, v in saved.items() if k != "fell"}
+    old["fell"] = init_settle_state(torch.device("cpu"), F64)["fell"]  # as a load fills it
+    after = settle_update(old, torch.tensor(1.0, dtype=F64), torch.tensor(True))
+    assert bool(after["fell"]) and float(after["settle"]) < float(saved["settle"])
+
+
 def test_settling_stops_while_the_loss_falls_again():
-    # flat for 500 steps (settles), then a clear fall: the factor holds still
-    losses = noisy(500, lambda t: 1.0) + noisy(300, lambda t: 1.0 - 0.002 * t, seed=1)
-    factors = run(losses)
+    # a fall, flat until step 500 (settles), then a clear fall again: the factor holds still
+    losses = noisy(100, lambda t: 2.0 - 0.01 * t, seed=2) + noisy(400, lambda t: 1.0)
+    factors = run(losses + noisy(300, lambda t: 1.0 - 0.002 * t, seed=1))
     assert factors[499] < 0.5
     assert factors[-1] > 0.95 * factors[560]
 
@@ -154,3 +180,32 @@ def test_a_spike_is_braked_even_while_the_loss_falls_fast_and_ordinary_batches_a
     shifted = states([v - 10.0 for v in losses])[-1]
     spike = torch.tensor(float(shifted["l_fast"]) + 9 * abs(level), dtype=F64)
     assert float(outlier_brake(shifted, spike)) < 1.0
+
+
+def test_a_plateau_before_anything_was_learnt_does_not_anneal_the_lr_away():
+    """Embeddings of std 1e-2 under a zero-initialised head: the loss sits at ln C while
+    the scale grows from D0 (hundreds of steps). Settling read that plateau as a noise ball
+    from step 100 on and annealed the LR to ~1e-7 (the loss stayed at ln 4 for good);
+    AdamW at 1e-3..3e-2 and the same optimizer with settling off learn it."""
+    gen = torch.Generator().manual_seed(1)
+    classes, vocab, dim = 4, 64, 16
+    indicative = torch.randperm(vocab, generator=gen)[: 2 * classes].view(classes, 2)
+    torch.manual_seed(1)
+    emb = torch.nn.Embedding(vocab, dim)
+    torch.nn.init.normal_(emb.weight, std=1e-2)
+    mid, head = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    params = [*emb.parameters(), *mid.parameters(), *head.parameters()]
+    opt = EmoAiry(params, pulse="distance")
+    for _ in range(600):
+        y = torch.randint(0, classes, (32,), generator=gen)
+        x = torch.randint(0, vocab, (32, 8), generator=gen)
+        pick = torch.randint(0, 2, (32, 2), generator=gen)
+        x[:, :2] = indicative[y][torch.arange(32)[:, None], pick]
+        loss = torch.nn.functional.cross_entropy(head(torch.relu(mid(emb(x).mean(1)))), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    assert float(loss) < 0.5 * math.log(classes)
+    assert opt.get_effective_lr()[0] > 1e-3
