@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from emo_core import EmoAiry, EmoCats, EmoOptimizer, EmoSens
+from emo_core.averaging import FOLD_EVERY, FOLD_RAMP
 
 from .lion import Lion
 from .syncs import count_host_reads, host_step_counters
@@ -75,6 +76,11 @@ class SpeedEntry:
     factory: Callable[[list[Tensor]], torch.optim.Optimizer]
     bytes_moved: int | None = None  # per parameter per step, for the HBM roofline
     compiled: bool = False  # step through torch.compile(opt.step) (warm-up compiles)
+    # average=True: steps before timing, so that the average folds at its steady period,
+    # and the fewest steps per timed block, so that each block holds one fold
+    # (emo_core/averaging.md: every step at first, every FOLD_EVERY-th from step STEADY_CALLS)
+    steady_calls: int = 0
+    block_steps: int = 0
 
     def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
         opt = self.factory(params)
@@ -96,6 +102,7 @@ def _schedulefree(ps: list[Tensor]) -> torch.optim.Optimizer:
 
 
 REFERENCE = ("AdamW fused", "AdamW foreach", "AdamW for-loop")
+_AVERAGED = {"steady_calls": FOLD_EVERY * FOLD_RAMP, "block_steps": FOLD_EVERY}
 
 
 def compiled_entries() -> list[SpeedEntry]:
@@ -125,11 +132,13 @@ def speed_entries(quick: bool = False, device: torch.device | None = None) -> li
             "EmoSens pulse=distance average=True",
             lambda ps: EmoSens(ps, pulse="distance", average=True),
             28,
+            **_AVERAGED,
         ),
         SpeedEntry(
             "EmoCats pulse=distance average=True",
             lambda ps: EmoCats(ps, pulse="distance", average=True),
             28,
+            **_AVERAGED,
         ),
         # The opt-in compiled update (one fused loop per tensor); the first step compiles.
         SpeedEntry("EmoSens compile_update", lambda ps: EmoSens(ps, compile_update=True), 28),
@@ -146,6 +155,7 @@ def speed_entries(quick: bool = False, device: torch.device | None = None) -> li
                 "EmoSens pulse=distance average=True compile_update",
                 lambda ps: EmoSens(ps, pulse="distance", average=True, compile_update=True),
                 28,
+                **_AVERAGED,
             ),
             SpeedEntry("Prodigy", _prodigy),
             SpeedEntry("Schedule-Free AdamW", _schedulefree),
@@ -279,21 +289,24 @@ def run_speed(
             opt = entry.build(params)
             stepper = _Stepper(opt, device, entry.compiled)
             first_s = _time_block(stepper, 1, device)  # allocates state; compiles if compiled
-            for _ in range(max(0, warmup - 1) + 2 * entry.compiled):
+            for _ in range(max(0, warmup - 1, entry.steady_calls - 1) + 2 * entry.compiled):
                 stepper()
             syncs, reads = count_syncs(stepper, opt)
-            built.append((entry, params, stepper, syncs, reads, state_bytes(opt), first_s))
+            warmed = 1 + max(0, warmup - 1, entry.steady_calls - 1) + 2 * entry.compiled
+            warmed += _SYNC_STEPS
+            built.append((entry, params, stepper, syncs, reads, state_bytes(opt), first_s, warmed))
             bar.update()
         times: dict[str, list[float]] = {e.name: [] for e in entries}
         for r in range(repeats):
             for entry, params, stepper, *_ in built:
                 bar.set_postfix_str(f"{layout.name} · {entry.name} · repeat {r + 1}")
                 _reset_grads(params, master)  # untimed: every block sees the same gradients
-                times[entry.name].append(_time_block(stepper, steps, device))
+                block = max(steps, entry.block_steps)
+                times[entry.name].append(_time_block(stepper, block, device))
                 bar.update()
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         refs = {name: medians.get(name) for name in REFERENCE}
-        for entry, _, _, syncs, reads, nbytes, first_s in built:
+        for entry, _, _, syncs, reads, nbytes, first_s, warmed in built:
             ms = medians[entry.name] * 1e3
             results.append(
                 {
@@ -308,6 +321,8 @@ def run_speed(
                     "syncs_per_step": syncs,
                     "reads_per_step": reads,
                     "first_step_s": first_s,
+                    "timed_from_step": warmed + 1,
+                    "steps_per_block": max(steps, entry.block_steps),
                 }
             )
         del built, master

@@ -18,6 +18,7 @@ from emo_bench.speed import (
 )
 from emo_bench.syncs import count_host_reads
 from emo_core import EmoAiry, EmoCats, EmoSens
+from emo_core.averaging import FOLD_EVERY, FOLD_RAMP
 
 
 class ItemSGD(torch.optim.SGD):
@@ -138,8 +139,33 @@ def test_run_speed_reports_documented_fields_with_reference_ratios() -> None:
             "syncs_per_step",
             "reads_per_step",
             "first_step_s",
+            "timed_from_step",
+            "steps_per_block",
         }
         assert r["first_step_s"] > 0
+
+
+def test_averaged_optimizers_are_timed_at_their_steady_fold_period() -> None:
+    """average=True folds every step for its first 63 steps and every 8th from step 256
+    (emo_core/averaging.md): timing it from step 5 in blocks of 3 would measure neither the
+    steady cost nor one that holds its folds."""
+    layout = Layout("tiny", "tiny", ((16, 8),))
+    averaged = [e for e in speed_entries() if "average=True" in e.name and "compile" not in e.name]
+    assert len(averaged) == 2
+    doc = run_speed(
+        entries=[SpeedEntry("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True))]
+        + averaged,
+        chosen_layouts=[layout],
+        warmup=1,
+        repeats=2,
+        steps=3,
+        progress=False,
+    )
+    rows = {r["optimizer"]: r for r in doc["results"]}
+    assert rows["AdamW fused"]["timed_from_step"] == 5
+    for entry in averaged:
+        assert rows[entry.name]["timed_from_step"] > FOLD_RAMP * FOLD_EVERY
+        assert rows[entry.name]["steps_per_block"] == FOLD_EVERY
 
 
 def test_roofline_fraction_is_bound_over_measured_time() -> None:
