@@ -44,7 +44,7 @@ from .distance import (
     init_distance_state,
     plan_sample,
 )
-from .distributed import local_shard, mean_loss_over_ranks, world_size
+from .distributed import local_shard, mean_loss_over_ranks, refusals_elsewhere, world_size
 from .lr_guard import warn_if_small_lr
 from .metrics import metric_values
 from .precision import LOW_PRECISION, copy_stochastic_, default_state_dtype
@@ -1215,13 +1215,20 @@ class EmoOptimizer(Optimizer):
     def _rounding_seed(self, meta: dict[str, Any], target: Tensor) -> int:
         """The stochastic-rounding seed of this step's next bucket: the saved seed and the
         step (so a resumed run rounds alike, and DDP replicas too), a stream per bucket (two
-        param groups of equal shapes drew the same noise), and the rank for a sharded
-        (FSDP2) parameter (every shard drew the same noise as the others)."""
+        param groups of equal shapes drew the same noise), and the shard for a sharded
+        (FSDP2) parameter (every shard drew the same noise as the others). The shard is this
+        rank's coordinate on the mesh dimensions the tensor is split over, not its rank:
+        under HSDP (a replicate x shard mesh) the replicas of one shard hold equal values and
+        get equal gradients, and must round alike (they drifted apart)."""
         stream = getattr(self, "_rounding_streams", 0)
         self._rounding_streams = stream + 1
         rank = 0
-        if getattr(target, "device_mesh", None) is not None:
-            rank = target.device_mesh.get_rank()
+        mesh = getattr(target, "device_mesh", None)
+        if mesh is not None:
+            coordinate = mesh.get_coordinate() or [0] * mesh.ndim
+            for dim, placement in enumerate(target.placements):
+                if not placement.is_replicate():
+                    rank = rank * mesh.size(dim) + coordinate[dim]
         mixed = meta["seed"] + int(meta["steps"]) + _STREAM_STRIDE * stream + _RANK_STRIDE * rank
         return mixed % (2**63)
 
@@ -1276,6 +1283,11 @@ class EmoOptimizer(Optimizer):
         """``torch.optim``'s state dict; the loss sensor and step counter ride along in
         ``param_groups[0]["emo_state"]`` with the writing class (see :mod:`state_check`).
         State-dict hooks see the complete dict."""
+        if self.pulse == "distance" and DISTANCE_STATE_KEY not in self.emo_state:
+            # (not stepped with a loss yet, e.g. only torch.distributed.checkpoint's
+            # state-creating step: its state dict is the template dcp.load fills, and an
+            # entry missing there would be dropped from the loaded checkpoint)
+            self._distance_plan()
         with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
             state_dict = super().state_dict()
         state_dict = state_check.pack_state_dict(self, state_dict)
@@ -1299,7 +1311,7 @@ class EmoOptimizer(Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             state_dict = state_dict if result is None else result
-        plan = state_check.checked_load(self, state_dict)
+        plan = self._checked_load(state_dict)
         with _hooks_held(
             self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
         ) as post_hooks:
@@ -1328,6 +1340,32 @@ class EmoOptimizer(Optimizer):
         self._refresh_effective_lr()
         for hook in post_hooks.values():
             hook(self)
+
+    def _checked_load(self, state_dict: dict[str, Any]) -> state_check.LoadPlan:
+        """:func:`state_check.checked_load`, agreed across ranks for sharded (FSDP2)
+        parameters: each rank checks only its own shards, so a nan in one rank's shard was
+        refused there and loaded on the others, which then held another optimizer state
+        (sensor, step, moments) than that rank's shards. Now every rank refuses it."""
+        sharded = (
+            self.sync_loss
+            and world_size(self.process_group) > 1
+            and any(local_shard(p) is not p for group in self.param_groups for p in group["params"])
+        )
+        if not sharded:
+            return state_check.checked_load(self, state_dict)
+        like = self._sensor["ema_long"]
+        try:
+            plan = state_check.checked_load(self, state_dict)
+        except ValueError:
+            refusals_elsewhere(True, like, self.process_group)
+            raise
+        others = refusals_elsewhere(False, like, self.process_group)
+        if others:
+            raise ValueError(
+                f"Invalid state_dict: refused on {others} other rank(s), whose shards of it "
+                "are invalid (their error names the entry); nothing was loaded on any rank"
+            )
+        return plan
 
 
 @contextlib.contextmanager

@@ -156,19 +156,39 @@ def commit_directory(staging: str | Path, final: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------- checking
 def _check_torch_archive(path: Path) -> str | None:
-    """Why ``path`` is not a whole ``torch.save`` zip archive, or None if it is."""
-    if not zipfile.is_zipfile(path):
-        return "not a torch.save archive (cut short, or other bytes)"
+    """Why ``path`` is not a whole ``torch.save`` zip archive, or None if it is.
+
+    Damaged zip headers make :mod:`zipfile` raise more than ``BadZipFile`` (a flipped flag
+    bit reads as "encrypted": RuntimeError; a flipped method as NotImplementedError; a
+    flipped disk number: BadZipFile from ``is_zipfile`` itself): any error reading the
+    archive is damage. The headers torch's own reader parses are checked by it too (it
+    refuses some that :mod:`zipfile` accepts)."""
     try:
+        if not zipfile.is_zipfile(path):
+            return "not a torch.save archive (cut short, or other bytes)"
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        return f"damaged torch.save archive ({error})"
+    except Exception as error:  # noqa: BLE001 - whatever zipfile raises on damaged headers
+        return f"damaged torch.save archive ({type(error).__name__}: {error})"
     if damaged is not None:
         return f"damaged torch.save archive (CRC mismatch in {damaged})"
     if not any(name.endswith("data.pkl") for name in names):
         return "a zip archive without data.pkl, not a torch.save archive"
+    return _torch_reader_problem(path)
+
+
+def _torch_reader_problem(path: Path) -> str | None:
+    """Why torch's zip reader (what ``torch.load`` uses) refuses ``path``'s directory, or None."""
+    try:
+        import torch  # (this module reads files; torch only for this check)
+
+        torch._C.PyTorchFileReader(str(path))  # parses the central directory, reads no data
+    except ImportError:  # pragma: no cover - emo_core always has torch
+        return None
+    except Exception as error:  # noqa: BLE001 - the reader raises RuntimeError with its reason
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"damaged torch.save archive (torch cannot read it: {reason})"
     return None
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["local_shard", "mean_loss_over_ranks", "world_size"]
+__all__ = ["local_shard", "mean_loss_over_ranks", "refusals_elsewhere", "world_size"]
 
 
 def world_size(process_group: object | None = None) -> int:
@@ -56,3 +56,13 @@ def local_shard(t: Tensor) -> Tensor:
     """This rank's part of a DTensor (FSDP2 parameters, grads, state); other tensors as is."""
     to_local = getattr(t, "to_local", None)
     return t if to_local is None else to_local()
+
+
+def refusals_elsewhere(refused: bool, like: Tensor, process_group: object | None) -> int:
+    """How many other ranks of ``process_group`` refused what this rank did or did not
+    (``refused``): one all-reduce of a flag on ``like``'s device. For decisions each rank
+    takes on its own part of a sharded whole (loading FSDP2 state: each rank checks its
+    shards), so that every rank takes the same one."""
+    flag = torch.full((1,), float(refused), dtype=torch.float32, device=like.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=process_group)
+    return round(float(flag)) - int(refused)

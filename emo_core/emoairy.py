@@ -202,9 +202,13 @@ def _single_tensor_emoairy(
     keep2 = bucket.decay(beta2)
     increment = bucket.valid.to(torch.float32)
     shrink = 1.0 - lr * weight_decay
+    # One multi-tensor add, not an add_ per tensor: in a torch.compile'd training step whose
+    # first call creates the state, inductor merged the identical per-tensor zeros + 1 into
+    # one buffer, so every parameter's "step" was one tensor, advanced once per parameter.
+    steps = bucket.states["step"]
+    torch._foreach_add_(steps, [increment] * len(steps))
     for index, (p, g) in enumerate(zip(bucket.params, bucket.masked_grads())):
         state = {k: v[index] for k, v in bucket.states.items() if v[index] is not None}
-        state["step"].add_(increment)
         square = g * g
         if "row_var" in state:
             row, col = state["row_var"], state["col_var"]

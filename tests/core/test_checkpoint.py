@@ -102,6 +102,40 @@ def test_damaged_file_is_named(tmp_path: Path, damage: str) -> None:
             verify_file(path)
 
 
+def _flip_header_bit(archive: bytes, signature: bytes, offset: int) -> bytes:
+    """Flip the lowest bit of the byte ``offset`` bytes into the first zip record that starts
+    with ``signature`` (a header field: no CRC covers it)."""
+    at = archive.index(signature) + offset
+    return archive[:at] + bytes([archive[at] ^ 0x01]) + archive[at + 1 :]
+
+
+# One bit of a header field: zipfile raised RuntimeError ("encrypted"), NotImplementedError
+# (compression method) or BadZipFile from is_zipfile (disk number), which verify_file let
+# through bare (find_latest_file crashed instead of skipping the file); the compressed-size
+# byte passed zipfile's check and failed in torch.load (torch's reader checks it).
+HEADER_DAMAGE = {
+    "encryption flag": (b"PK\x01\x02", 8),
+    "compression method": (b"PK\x01\x02", 10),
+    "compressed size": (b"PK\x01\x02", 22),
+    "zip64 disk number": (b"PK\x06\x07", 4),
+}
+
+
+@pytest.mark.parametrize("field", list(HEADER_DAMAGE))
+def test_damaged_zip_header_is_named_and_latest_skips_it(tmp_path: Path, field: str) -> None:
+    older, newer = tmp_path / "epoch=0.ckpt", tmp_path / "epoch=1.ckpt"
+    torch.save({"step": 1, "exp_avg": torch.randn(64)}, older)
+    signature, offset = HEADER_DAMAGE[field]
+    whole = older.read_bytes()
+    if signature not in whole:
+        pytest.skip(f"this torch writes no {signature!r} record")
+    newer.write_bytes(_flip_header_bit(whole, signature, offset))
+    with pytest.raises(CorruptCheckpointError, match="epoch=1.ckpt"):
+        verify_file(newer)
+    with pytest.warns(IncompleteCheckpointWarning, match="epoch=1.ckpt"):
+        assert find_latest_file(tmp_path) == older.resolve()
+
+
 def test_missing_file_and_missing_manifest(tmp_path: Path) -> None:
     final = _write_checkpoint(tmp_path, 10)
     (final / "state.json").unlink()

@@ -138,3 +138,22 @@ def test_inductor_compiled_training_step_matches_eager() -> None:
     assert result["frames"] == result["frames_after_warmup"]
     assert result["moved"] > 1e-4
     assert result["diff"] <= 1e-6
+
+
+@pytest.mark.skipif(_cpp_compiler() is None, reason="inductor needs a C++ compiler (g++/clang++)")
+def test_inductor_compiled_first_step_gives_each_parameter_its_own_state() -> None:
+    """EmoAiry's per-tensor loop (foreach=False; also what compile_update=True traces inside
+    a compiled step): its first compiled call creates each parameter's 0-dim "step" and adds
+    1 to it; inductor merged those identical computations into one buffer, so all parameters
+    shared one counter, advanced once per parameter (11 after 3 steps of 5 tensors), and the
+    bias correction and the parameters went wrong (1e-2 relative after 12 steps)."""
+    result = _run("emoairy", "inductor", foreach=False)
+    assert result["moved"] > 1e-4
+    assert result["diff"] <= 1e-6, "compiled != eager"
+    model, opt = _make("emoairy", foreach=False)
+    compiled = torch.compile(_step_fn(model, opt))
+    for scale in LOSS_SCALES[:3]:
+        compiled(torch.tensor(scale))
+    steps = [opt.state[p]["step"] for p in model.parameters()]
+    assert len({s.untyped_storage().data_ptr() for s in steps}) == len(steps)
+    assert [float(s) for s in steps] == [3.0] * len(steps)
