@@ -34,7 +34,13 @@ from torch.optim import Optimizer
 
 from . import capture, state_check
 from ._validation import as_bool, as_float_dtype, as_int, check_lr, check_range, loss_to_tensor
-from .averaging import average_weight, fold_average_, fold_due, init_average_state
+from .averaging import (
+    AVERAGE_GROWTH,
+    average_weight,
+    fold_average_,
+    fold_due,
+    init_average_state,
+)
 from .distance import (
     D0,
     GROWTH,
@@ -286,6 +292,7 @@ class EmoOptimizer(Optimizer):
 
     direction_power = 0.0
     growth_limit = GROWTH
+    average_growth_limit = AVERAGE_GROWTH  # the same with averaging (averaging.md)
 
     def __init__(
         self,
@@ -815,7 +822,7 @@ class EmoOptimizer(Optimizer):
             max_lr=self.max_lr,
             direction_power=self.direction_power,
             settle=not self.average,
-            growth=math.inf if self.average else self.growth_limit,
+            growth=self.average_growth_limit if self.average else self.growth_limit,
             multipliers=self._multipliers(sensor["ema_long"]),
         )
         self.emo_state[DISTANCE_STATE_KEY] = state

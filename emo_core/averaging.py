@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "AVERAGE_GROWTH",
     "FOLD_EVERY",
     "FOLD_RAMP",
     "average_weight",
@@ -27,6 +28,12 @@ __all__ = [
     "inverse_bias_correction",
 ]
 
+AVERAGE_GROWTH = 1.5
+"""The most the distance controller's scale may grow per step under averaging (1.2 without:
+``distance.md`` step 5). Averaging's ``v`` is bias-corrected, so its early steps are not
+stale; but after a plateau (a zero-initialised head) layers whose gradient was ~0 step at
+5-10x their RMS while ``v`` remembers the plateau, and an unlimited scale followed that
+motion 3-6x per step into a 10-2000x loss spike (averaging.md, "Growth")."""
 FOLD_EVERY = 8  # steps between folds, at most
 FOLD_RAMP = 32  # ... and at most 1/FOLD_RAMP of the steps taken: every step at first
 
