@@ -46,7 +46,7 @@ class EmoCats(EmoOptimizer):
         weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
         average: Schedule-Free iterate averaging on top of ``pulse="distance"`` (required),
             as :class:`~emo_core.EmoSens`'s: call ``opt.eval()`` before evaluating or saving
-            and ``opt.train()`` before training steps; +4 B/param for ``z``
+            and ``opt.train()`` before training steps; +4 B/param for the average ``x``
             (``emo_core/averaging.md``) (default: False).
         interpolation: ``β`` of the training point ``y = β·x + (1 − β)·z`` under
             ``average=True`` (default: 0.8).

@@ -5,10 +5,10 @@ no bias correction. This is AdamW without bias correction at a tensor LR, so the
 path on fp32 parameters is torch's fused AdamW kernel with a step count large enough that
 ``1 − β^step`` is exactly 1, and the skipped-step flag passed as ``found_inf``.
 
-With ``average=True`` (Schedule-Free averaging, ``averaging.md``) the state holds ``z`` in
-place of ``m``: ``u = g/(√v̂ + eps) + wd·z`` with Adam's ``v̂ = v/(1 − β2^k)``;
-``y ← lerp(y, z, c) + lr·(β1·(1 − c) − 1)·u``; ``z ← z − lr·u`` (``y`` the parameters,
-``c`` the step's averaging weight).
+With ``average=True`` (Schedule-Free averaging, ``averaging.md``) the state holds the
+average ``x`` in place of ``m`` and the parameters the training point ``y``. Between folds a
+step is ``y ← y − (1 − β1)·lr·u`` with ``u = g/(√v̂ + eps) + wd·y`` and Adam's
+``v̂ = v/(1 − β2^k)`` (so the stepped ``z`` moves by ``lr·u``); the base class folds.
 """
 
 from __future__ import annotations
