@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["did_you_mean", "optimizer_keywords", "parse_optim_args"]
+__all__ = ["as_flag_error", "did_you_mean", "optimizer_keywords", "parse_optim_args"]
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
@@ -189,3 +190,13 @@ def _describe(hint: Any) -> str:
     if isinstance(hint, type):
         return "torch dtype name (e.g. bfloat16)" if hint is torch.dtype else hint.__name__
     return str(hint).replace("typing.", "")
+
+
+def as_flag_error(message: str, flags: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(flag, message)`` for an optimizer's range error about a keyword a script fills
+    from its own flag (``flags``: keyword -> flag, e.g. ``{"lr": "learning_rate"}``), with
+    the keyword renamed to the flag in the message; None for any other error."""
+    for key, flag in flags.items():
+        if message.startswith(f"Invalid {key}:"):
+            return flag, re.sub(rf"\b{key}\b", flag, message)
+    return None

@@ -31,7 +31,6 @@ import difflib
 import json
 import logging
 import math
-import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from torch import Tensor
 from emo_configs import ConfigNotFoundError, resolve_config, shipped_configs
 from emo_core import log_metrics, unwrap
 from emo_core.extras import require_extra
+from emo_core.optim_args import as_flag_error
 
 from .checkpointing import (
     CHECKPOINT_PREFIX,
@@ -386,6 +386,20 @@ def _check_resolution(args: argparse.Namespace) -> None:
         )
 
 
+def _optimizer_from_args(
+    args: argparse.Namespace, params: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    """The run's optimizer over ``params``, as the flags choose it."""
+    return build_optimizer(
+        args.optimizer,
+        params,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        stochastic_rounding=args.stochastic_rounding,
+        optimizer_args=args.optimizer_args,
+    )
+
+
 def _check_optimizer(args: argparse.Namespace) -> None:
     """Build the optimizer once on a dummy parameter, so that its range checks (lr,
     weight_decay, optimizer_args) fail now, not after the base is pretrained."""
@@ -393,19 +407,10 @@ def _check_optimizer(args: argparse.Namespace) -> None:
     try:
         with warnings.catch_warnings():  # (the run's own optimizer warns, once)
             warnings.simplefilter("ignore")
-            probe = build_optimizer(
-                args.optimizer,
-                dummy,
-                lr=args.learning_rate,
-                weight_decay=args.weight_decay,
-                stochastic_rounding=args.stochastic_rounding,
-                optimizer_args=args.optimizer_args,
-            )
-    except ValueError as error:
-        message = str(error)
-        if message.startswith("Invalid lr:"):  # the optimizer's name; the flag's is:
-            message = re.sub(r"\blr\b", "learning_rate", message)
-        raise ValueError(message) from None
+            probe = _optimizer_from_args(args, dummy)
+    except ValueError as error:  # (lr is the optimizer's name; the flag's is learning_rate)
+        renamed = as_flag_error(str(error), {"lr": "learning_rate"})
+        raise ValueError(str(error) if renamed is None else renamed[1]) from None
     if hasattr(probe, "close"):  # capture_loss=True: do not keep the probe's backward patch
         probe.close()
 
@@ -605,14 +610,7 @@ def build_training(args: argparse.Namespace) -> TrainingSetup:
         num_train_timesteps=1000, shift=args.scheduler_shift
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        args.optimizer,
-        trainable,
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        stochastic_rounding=args.stochastic_rounding,
-        optimizer_args=args.optimizer_args,
-    )
+    optimizer = _optimizer_from_args(args, trainable)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,

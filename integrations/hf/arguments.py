@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from transformers.trainer_utils import IntervalStrategy
 from transformers.training_args import OptimizerNames
 
 from emo_core import OPTIMIZERS, get_optimizer
+from emo_core.optim_args import as_flag_error
 
 from .optim_args import FlagError, did_you_mean, parse_optim_args
 
@@ -175,9 +175,9 @@ class EmoArgumentsMixin:
             )
         except ValueError as error:
             # lr and weight_decay come from these arguments' own fields: name the field
-            for flag, key in (("learning_rate", "lr"), ("weight_decay", "weight_decay")):
-                if str(error).startswith(f"Invalid {key}:"):
-                    raise FlagError(flag, re.sub(rf"\b{key}\b", flag, str(error))) from None
+            renamed = as_flag_error(str(error), _OWN_FLAGS)
+            if renamed is not None:
+                raise FlagError(*renamed) from None
             if any(key in str(error) for key in kwargs):
                 raise FlagError("optim_args", f"{error} (optim_args={self.optim_args!r})") from None
             raise
@@ -201,6 +201,9 @@ class EmoArgumentsMixin:
         # learning_rate < 0.1: the optimizer's own guard (emo_core.lr_guard) warns, once.
         return learning_rate
 
+
+_OWN_FLAGS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
+"""Optimizer keywords these arguments fill from their own fields, and those fields."""
 
 _LIBRARY_DIRS = tuple(
     str(Path(module.__file__).resolve().parent) + os.sep
