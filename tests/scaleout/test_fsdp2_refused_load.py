@@ -4,75 +4,60 @@ states; the loss sensor and step of rank 0 no longer matched rank 1's)."""
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from emo_core.distributed import local_shard
 from tests.scaleout._fsdp_worker import OPTIMIZERS, make_model, shard, train
+from tests.scaleout._ranks import spawn_ranks
 
 pytestmark = pytest.mark.distributed
 NAMES = ("emosens", "emoairy", "emocats", "emosens-average-distance")
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def _worker(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (world,))
-        results = {}
-        for name in NAMES:
-            model = shard(make_model(), mesh)
-            opt = OPTIMIZERS[name](model.parameters())
-            train(model, opt, range(3))
-            saved = opt.state_dict()
-            first = saved["state"][0]
-            key = next(k for k, v in first.items() if hasattr(v, "to_local"))
-            damaged = first[key].clone()
-            if rank == 1:  # a nan in rank 1's shard only
-                damaged.to_local().view(-1)[0] = float("nan")
-            saved = {**saved, "state": {**saved["state"], 0: {**first, key: damaged}}}
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for name in NAMES:
+        model = shard(make_model(), mesh)
+        opt = OPTIMIZERS[name](model.parameters())
+        train(model, opt, range(3))
+        saved = opt.state_dict()
+        first = saved["state"][0]
+        key = next(k for k, v in first.items() if hasattr(v, "to_local"))
+        damaged = first[key].clone()
+        if rank == 1:  # a nan in rank 1's shard only
+            damaged.to_local().view(-1)[0] = float("nan")
+        saved = {**saved, "state": {**saved["state"], 0: {**first, key: damaged}}}
 
-            other = shard(make_model(), mesh)
-            other_opt = OPTIMIZERS[name](other.parameters())
-            train(other, other_opt, range(2))
-            before = [
-                {k: local_shard(v).clone() for k, v in other_opt.state[p].items()}
-                for p in other.parameters()
-            ]
-            telemetry = other_opt.telemetry()
-            try:
-                other_opt.load_state_dict(saved)
-                error = None
-            except ValueError as refusal:
-                error = str(refusal)
-            unchanged = telemetry == other_opt.telemetry() and all(
-                torch.equal(local_shard(v), state[k])
-                for p, state in zip(other.parameters(), before)
-                for k, v in other_opt.state[p].items()
-            )
-            train(other, other_opt, range(2, 4))  # training goes on, ranks in step
-            results[name] = {"error": error, "unchanged": unchanged}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown, where gloo's threads occasionally abort
+        other = shard(make_model(), mesh)
+        other_opt = OPTIMIZERS[name](other.parameters())
+        train(other, other_opt, range(2))
+        before = [
+            {k: local_shard(v).clone() for k, v in other_opt.state[p].items()}
+            for p in other.parameters()
+        ]
+        telemetry = other_opt.telemetry()
+        try:
+            other_opt.load_state_dict(saved)
+            error = None
+        except ValueError as refusal:
+            error = str(refusal)
+        unchanged = telemetry == other_opt.telemetry() and all(
+            torch.equal(local_shard(v), state[k])
+            for p, state in zip(other.parameters(), before)
+            for k, v in other_opt.state[p].items()
+        )
+        train(other, other_opt, range(2, 4))  # training goes on, ranks in step
+        results[name] = {"error": error, "unchanged": unchanged}
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("refused")
-    mp.spawn(_worker, args=(2, str(out / "rendezvous"), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return spawn_ranks(_worker, 2, tmp_path_factory.mktemp("refused"))
 
 
 @pytest.mark.parametrize("name", NAMES)

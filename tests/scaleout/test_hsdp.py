@@ -8,60 +8,45 @@ fp32 run stayed equal). The seed now mixes in the shard's coordinate only.
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from emo_core import EmoAiry, EmoCats, EmoSens
+from tests.scaleout._ranks import spawn_ranks
 
 pytestmark = pytest.mark.distributed
 OPTIMIZERS = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )  # fmt: skip
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+def _worker(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-        results = {}
-        for name, cls in OPTIMIZERS.items():
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4)).bfloat16()
-            for layer in model:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            opt = cls(model.parameters())  # stochastic rounding: on for bf16
-            for step in range(4):
-                gen = torch.Generator().manual_seed(100 * step + rank)
-                x, y = torch.randn(4, 8, generator=gen), torch.randn(4, 4, generator=gen)
-                loss = ((model(x.bfloat16()).float() - y) ** 2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step(loss=loss)
-            results[name] = [p.to_local().detach().float().clone() for p in model.parameters()]
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown, where gloo's threads occasionally abort
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    results = {}
+    for name, cls in OPTIMIZERS.items():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4)).bfloat16()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = cls(model.parameters())  # stochastic rounding: on for bf16
+        for step in range(4):
+            gen = torch.Generator().manual_seed(100 * step + rank)
+            x, y = torch.randn(4, 8, generator=gen), torch.randn(4, 4, generator=gen)
+            loss = ((model(x.bfloat16()).float() - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss)
+        results[name] = [p.to_local().detach().float().clone() for p in model.parameters()]
+    return results
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("hsdp")
-    mp.spawn(_worker, args=(4, str(out / "rendezvous"), str(out)), nprocs=4, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(4)]
+    return spawn_ranks(_worker, 4, tmp_path_factory.mktemp("hsdp"), timeout_s=120)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
