@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -116,11 +116,22 @@ class SamplePlan:
         emo-bench quality found a 3.6x larger scale, +65% against -51% on seed 0; the
         numerator cancels heavily) and returned in ``dtype``. A fixed order per group, the
         same on every rank and run (atomics-based scatters are not, on CUDA)."""
+        if len(self.counts) == 1 and not torch.compiler.is_compiling():  # (eager: the same
+            # sum, without a slice and a stack; a compiled graph is kept as it was)
+            return values.sum(0, keepdim=True).to(dtype)
         sums, start = [], 0
         for count in self.counts:  # (slices, not split: a tuple result breaks a compiled graph)
             sums.append(values[start : start + count].sum())
             start += count
         return torch.stack(sums).to(dtype)
+
+    def spread(self, values: Tensor, dtype: torch.dtype) -> Tensor:
+        """Per-group ``values`` (``[n_groups]``) at each coordinate, in ``dtype``: ``[size]``,
+        or ``[1]`` to broadcast when there is one group in eager mode (the same values,
+        without a gather of ``size`` elements)."""
+        if len(self.counts) == 1 and not torch.compiler.is_compiling():  # (as group_sums)
+            return values.to(dtype)
+        return values[self.groups].to(dtype)
 
 
 def _next_prime(n: int) -> int:
@@ -270,12 +281,14 @@ def gather_sample(
     param_groups: list[dict],
     device: torch.device,
     source: Callable[[Tensor], Tensor] | None = None,
-    views: list[tuple[int, Tensor] | None] | None = None,
-) -> tuple[Tensor, Tensor]:
+    views: list[_View | None] | None = None,
+    grads: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """``(x, g)``: the sampled parameter and gradient values, each ``[plan.size]`` fp32,
     scaled by this rank's share (so that a cross-rank sum gives the values). Zero gradient
     where a sampled parameter has none this step. ``source(p)``: the tensor whose values
     stand for ``p``'s (same layout; a complex one as its real view), default ``p``.
+    ``grads=False``: the parameter side only (``g`` is None).
 
     ``views``: the caller's cache of the parameter side's strided views, one slot per piece
     (``[None] * len(plan.pieces)`` to start), kept from step to step: a view per tensor is most
@@ -287,40 +300,93 @@ def gather_sample(
     """
     eager = not torch.compiler.is_compiling()
     cache = views is not None and eager
-    xs, gs = [], []
-    for i, piece in enumerate(plan.pieces):
-        p = param_groups[piece.group]["params"][piece.index]
+    params = [group["params"] for group in param_groups]
+    count = len(plan.pieces)
+    xs: list[Tensor | None] = [None] * count
+    gs: list[Tensor | None] = [None] * count
+    rest: Iterable[int] = range(count)
+    if cache and source is None and grads and not torch.is_grad_enabled():
+        rest = []
+        # The common case first, with nothing but the checks its views need (per tensor,
+        # every call counts): the cached view is still p's (the same memory, so also on the
+        # device it was made on) with p's dtype and layout, and the gradient is dense. Its
+        # gradient views are made in inference mode (no autograd view tracking: ~20% less
+        # per view; only under no_grad, where nothing records them anyway).
+        with torch.inference_mode():
+            for i, piece in enumerate(plan.pieces):
+                p = params[piece.group][piece.index]
+                grad, slot = p.grad, views[i]
+                if (
+                    slot is not None
+                    and grad is not None
+                    and slot.pointer == p.data_ptr()
+                    and slot.dtype is p.dtype
+                    and p.is_contiguous()
+                    and grad.is_contiguous()
+                ):
+                    xs[i] = slot.view
+                    offset = grad.storage_offset() + piece.start
+                    gs[i] = grad.as_strided(slot.size, slot.stride, offset)
+                else:
+                    rest.append(i)
+    for i in rest:
+        piece = plan.pieces[i]
+        p = params[piece.group][piece.index]
         x = p if source is None else source(p)
         grad = p.grad
-        if piece.plain and grad is not None and p.device == device:  # the common case
+        if piece.plain and grad is not None and p.device == device:  # plain: the views
             if cache and x.is_contiguous():
                 slot = views[i]
-                if slot is None or slot[0] != x.data_ptr() or slot[1].dtype != x.dtype:
-                    slot = views[i] = (x.data_ptr(), _strided(x.detach(), piece, eager))
-                xs.append(slot[1])
+                if slot is None or slot.pointer != x.data_ptr() or slot.dtype is not x.dtype:
+                    slot = views[i] = _View.of(x, piece, eager)
+                xs[i] = slot.view
             else:
-                xs.append(_strided(x, piece, eager))
-            gs.append(_strided(grad, piece, eager))
+                xs[i] = _strided(x, piece, eager)
+            if grads:
+                gs[i] = _strided(grad, piece, eager)
             continue
         if cache:
             views[i] = None  # (a cached view must not keep a moved tensor's old storage)
         window = slice(piece.start, piece.start + piece.stride * piece.length, piece.stride)
         x_part = _flat(local_shard(x))[window]
-        g_part = torch.zeros_like(x_part) if grad is None else _flat(local_shard(grad))[window]
-        for parts, part in ((xs, x_part), (gs, g_part)):
+        g_part = None
+        if grads:
+            g_part = torch.zeros_like(x_part) if grad is None else _flat(local_shard(grad))[window]
+        for into, part in ((xs, x_part), (gs, g_part)):
+            if part is None:
+                continue
             if part.device != device:
                 part = part.to(device)
             if piece.pad != (0, 0):  # a shard: zeros around its own part
                 part = torch.nn.functional.pad(part, piece.pad)
-            parts.append(part)
+            into[i] = part
     if not xs:
         empty = torch.zeros(0, dtype=SAMPLE_DTYPE, device=device)
-        return empty, empty
+        return empty, (empty if grads else None)
     # one copy each (cat reads the strided views and promotes mixed dtypes)
-    x, g = torch.cat(xs).to(SAMPLE_DTYPE), torch.cat(gs).to(SAMPLE_DTYPE)
+    x = torch.cat(xs).to(SAMPLE_DTYPE)
+    g = torch.cat(gs).to(SAMPLE_DTYPE) if grads else None
     if plan.shares is not None:
-        x, g = x * plan.shares, g * plan.shares
+        x = x * plan.shares
+        g = None if g is None else g * plan.shares
     return x, g
+
+
+@dataclass(frozen=True)
+class _View:
+    """A cached strided view of a plain tensor's sampled coordinates (``gather_sample``),
+    with what the next call checks it against and the gradient's view shape."""
+
+    pointer: int  # the tensor's data_ptr() when viewed
+    dtype: torch.dtype
+    view: Tensor
+    size: tuple[int]  # (piece.length,)
+    stride: tuple[int]  # (piece.stride,)
+
+    @staticmethod
+    def of(x: Tensor, piece: _Piece, eager: bool) -> _View:
+        view = _strided(x.detach(), piece, eager)
+        return _View(x.data_ptr(), x.dtype, view, (piece.length,), (piece.stride,))
 
 
 def _strided(t: Tensor, piece: _Piece, eager: bool) -> Tensor:
@@ -424,9 +490,10 @@ def outlier_brake(state: dict[str, Tensor], loss: Tensor) -> Tensor:
     level = state["l_fast"]
     rise = loss - level
     outlier = (state["n"] >= 10) & (rise > OUTLIER_Z * torch.sqrt(state["l_var"]))
-    b = level.abs() / torch.clamp(level.abs() + rise, min=1e-300)
-    b = torch.clamp(b, min=BRAKE_FLOOR, max=1.0)
-    return torch.where(outlier & torch.isfinite(b), b, torch.ones_like(b))
+    magnitude = level.abs()
+    b = torch.clamp(magnitude / torch.clamp(magnitude + rise, min=1e-300), min=BRAKE_FLOOR, max=1.0)
+    # (clamped: finite unless nan, so b == b is isfinite(b) in one op instead of four)
+    return torch.where(outlier & (b == b), b, torch.ones_like(b))
 
 
 def distance_update(
@@ -478,8 +545,9 @@ def distance_update(
     # At most 100x: below lr = 0.01 the step is within rounding of the parameters, and
     # amplifying it further would count their rounding as distance.
     m_prev = state["m_prev"]
-    factor = torch.where(m_prev > 0, torch.clamp(1.0 / m_prev, max=MAX_LR_UNITS) - 1.0, 0.0)
-    shift = (state["x_prev"] - x) * factor[plan.groups].to(x.dtype)
+    # (reciprocal: 1.0 / m_prev is reciprocal · 1.0, one op more)
+    factor = torch.where(m_prev > 0, torch.clamp(m_prev.reciprocal(), max=MAX_LR_UNITS) - 1.0, 0.0)
+    shift = (state["x_prev"] - x) * plan.spread(factor, x.dtype)
     x0 = torch.where(state["started"], state["x0"] + shift, x)
     d = state["d"]
     lam = d * d * (1.0 / D0)  # weights ∝ d²: later steps (at the found scale) dominate
@@ -489,7 +557,7 @@ def distance_update(
     # that is noise, and letting it pull num below 0 delays the first growth.
     progress = torch.where((d > D0) | (progress > 0), progress, torch.zeros_like(progress))
     num = torch.addcmul(BETA3 * state["num"], lam, progress)
-    s = torch.addcmul(BETA3 * state["s"], weighted_g, lam[plan.groups].to(g.dtype))  # weighted
+    s = torch.addcmul(BETA3 * state["s"], weighted_g, plan.spread(lam, g.dtype))  # weighted
     den = plan.group_sums(s.abs(), d.dtype)  # ||s||₁ per group
     d_hat = num / torch.clamp(den, min=torch.finfo(den.dtype).tiny)  # 0 while den = 0
     d_new = torch.clamp(torch.maximum(d, torch.minimum(d_hat, d * growth)), max=max_lr)

@@ -478,6 +478,36 @@ def test_a_non_contiguous_parameter_is_sampled_at_its_logical_coordinates(layout
     assert torch.equal(sampled[0][0], sampled[1][0]) and torch.equal(sampled[0][1], sampled[1][1])
 
 
+def test_the_cached_views_are_left_where_a_tensor_changed_layout_in_place() -> None:
+    """The per-step fast path of the sample (cached parameter views, a view per gradient)
+    checks each tensor's layout, not only its storage: a gradient that arrives transposed and
+    a parameter re-strided over its own storage (the same data pointer) are read at their
+    logical coordinates, as a gather without the cache reads them."""
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    params = [torch.nn.Parameter(torch.randn(96, 64)) for _ in range(3)]
+    groups = [{"params": params}]
+    plan = plan_sample(groups, cpu, 1)
+    views = [None] * len(plan.pieces)
+
+    def check() -> None:
+        fresh = gather_sample(plan, groups, cpu)
+        for grad_mode in (False, True):  # (the fast path runs under no_grad only)
+            with torch.set_grad_enabled(grad_mode):
+                cached = gather_sample(plan, groups, cpu, None, views)
+            assert torch.equal(cached[0], fresh[0]) and torch.equal(cached[1], fresh[1])
+
+    for p in params:
+        p.grad = torch.randn_like(p)
+    check()  # (the views are made)
+    check()  # (and used)
+    params[0].grad = params[0].grad.t().contiguous().t()  # same values, transposed strides
+    params[1].data = params[1].data.t()  # same storage, read in another order
+    params[1].grad = torch.randn(params[1].shape)  # (a dense one)
+    assert params[1].data_ptr() == views[1].pointer and not params[1].is_contiguous()
+    check()
+
+
 def test_a_state_saved_with_one_scale_for_all_groups_loads_with_it_in_each() -> None:
     """Before scales were per group the state held one ``d``; it loads, every group starts
     from it, and the sample restarts (as when the layout changes)."""
