@@ -214,7 +214,9 @@ def _single_tensor_emoairy(
             row, col = state["row_var"], state["col_var"]
             row.mul_(keep2).add_(square.mean(dim=_col_dims(g), keepdim=True), alpha=1 - beta2)
             col.mul_(keep2).add_(square.mean(dim=0, keepdim=True), alpha=1 - beta2)
-            v_hat = row * col / row.mean().clamp(min=TINY)
+            # (divided first, as the other kernels: row * col overflows fp32 for gradients
+            # of ~1e11, and v̂ = inf zeroed the update)
+            v_hat = row / row.mean().clamp(min=TINY) * col
         else:
             v_hat = state["exp_avg_sq"].mul_(keep2).add_(square, alpha=1 - beta2).clone()
         correction = bias_correction(state["step"], beta2)
