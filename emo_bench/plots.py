@@ -43,11 +43,11 @@ def _color(name: str, family: str) -> str | None:
 
 def _style(r: QualityRow) -> str:
     """Dashed: AdamW's default LR and the Emo rows on the faithful v3.7 pulse; dotted: the
-    Emo rows with ``average=True`` (so each Emo optimizer's variants, drawn in its colour,
-    stay apart); solid otherwise."""
+    other Emo variants (so each Emo optimizer's rows, drawn in its colour, stay apart);
+    solid otherwise (an Emo optimizer at its defaults among them)."""
     if r.role == "default" or (r.family == "emo" and "pulse=v37" in r.optimizer):
         return "--"
-    if r.family == "emo" and "average=True" in r.optimizer:
+    if r.family == "emo" and " " in r.optimizer:
         return ":"
     return "-"
 

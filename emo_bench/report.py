@@ -53,8 +53,9 @@ def _shown(rows: list[QualityRow]) -> list[QualityRow]:
 def _definitions(settings: dict[str, Any]) -> str:
     return (
         "One fixed configuration per optimizer on every workload: Emo optimizers at `lr=1.0` "
-        "(defaults; `pulse=v37` rows: the faithful upstream v3.7 emoPulse, where the "
-        "constructor offers it), AdamW at each of "
+        '(a bare class name: its defaults, `pulse="distance"`, averaged for EmoSens and '
+        "EmoCats; `pulse=v37` rows: the faithful upstream v3.7 emoPulse, where the "
+        "constructor offers it; `average=False`: the distance controller alone), AdamW at each of "
         f"{', '.join(f'{lr:g}' for lr in settings['adamw_sweep'])} (weight decay 0.01; "
         "*tuned* = best mean of the sweep per workload, *default* = 1e-3), Prodigy `lr=1.0`, "
         "Prodigy + Schedule-Free (`prodigy-plus-schedule-free`, `lr=1.0`, package defaults), "

@@ -94,7 +94,50 @@ AVERAGE_STATE_KEY = "emo_average"
 PULSES = ("distance", "v37")
 """``pulse=`` values: the distance-to-init controller (``distance.md``) or upstream's v3.7
 pulse (SPEC §2)."""
-DEFAULT_PULSE = "v37"
+DEFAULT_PULSE = "distance"
+"""The default controller: it finds the scale (emo-bench quality, README "Which pulse is the
+default, and why"); ``"v37"`` is upstream's, kept as SPEC §2 pins it."""
+AVERAGED_WEIGHT_DECAY, PLAIN_WEIGHT_DECAY = 0.0, 0.01
+"""``weight_decay=None`` resolves to these: none under iterate averaging (Schedule-Free's
+choice: the decay ``lr·wd`` grows with the large LR averaging finds, ``averaging.md``,
+"Weight decay"), upstream's 0.01 otherwise."""
+
+
+def resolve_average(average: bool | None, pulse: str, use_shadow: bool, params: list[Any]) -> bool:
+    """``average=None`` (the default): iterate averaging with the distance controller, unless
+    ``use_shadow=True`` asks for the shadow, which averaging excludes, or a parameter is
+    bf16/fp16: the stepped point ``z = y + β/(1 − β)·(y − x)`` is implied by the stored ``y``,
+    so each rounding of ``y`` reaches the average amplified ~``1/(1 − β)`` (10x), and at a
+    small LR that noise outgrows the steps (``averaging.md``, "Low precision"). An explicit
+    value wins (and is checked against ``pulse`` by the constructor). ``params``: the
+    constructor's, as a list (tensors or param-group dicts)."""
+    if average is not None:
+        return as_bool("average", average)
+    if isinstance(pulse, str):
+        pulse = pulse.strip().strip("'\"")
+    tensors = []
+    for item in params:
+        if isinstance(item, dict):  # listed in place, as torch's add_param_group does
+            if not isinstance(item.get("params"), (Tensor, list)) and "params" in item:
+                item["params"] = list(item["params"])
+            group = item.get("params", [])
+            tensors.extend([group] if isinstance(group, Tensor) else group)
+        else:
+            tensors.append(item)
+    half = any(
+        isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16) for t in tensors
+    )
+    return pulse == "distance" and not as_bool("use_shadow", use_shadow) and not half
+
+
+def resolve_weight_decay(weight_decay: float | None, average: bool) -> float:
+    """``weight_decay=None``: :data:`AVERAGED_WEIGHT_DECAY` with averaging, else
+    :data:`PLAIN_WEIGHT_DECAY`."""
+    if weight_decay is not None:
+        return weight_decay
+    return AVERAGED_WEIGHT_DECAY if average else PLAIN_WEIGHT_DECAY
+
+
 _DEFAULT_LR_RANGE = {"distance": (1e-8, 1.0), "v37": (1e-6, 1e-3)}
 
 _NO_LOSS_WARNING = (
@@ -300,7 +343,7 @@ class EmoOptimizer(Optimizer):
         defaults: dict[str, Any],
         *,
         lr: float,
-        weight_decay: float,
+        weight_decay: float | None,
         pulse: str,
         use_shadow: bool,
         min_lr: float | None,
@@ -359,7 +402,7 @@ class EmoOptimizer(Optimizer):
         self.capture_loss = as_bool("capture_loss", capture_loss)
         defaults = {
             "lr": lr,
-            "weight_decay": weight_decay,
+            "weight_decay": resolve_weight_decay(weight_decay, self.average),
             "use_shadow": as_bool("use_shadow", use_shadow),
             **defaults,
         }

@@ -18,8 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
-from ._validation import as_bool, check_betas, check_range
+from ._base import (
+    DEFAULT_PULSE,
+    Bucket,
+    EmoOptimizer,
+    common_options,
+    compiled,
+    resolve_average,
+)
+from ._validation import check_betas, check_range
 
 __all__ = ["AVERAGED_BETAS", "BETAS", "EmoCats", "emocats"]
 
@@ -33,10 +40,12 @@ it with weight ``1 − interpolation``); a momentum of ~200 steps keeps the sign
 
 
 class EmoCats(EmoOptimizer):
-    """Lion-type Emo optimizer: light (4 B/param) and accurate.
+    """Lion-type Emo optimizer: light (4 B/param; 8 with the default averaging) and accurate.
 
     Takes the same arguments as :class:`~emo_core.EmoSens` without ``eps`` (a sign update
-    needs none) and without ``fused``. Leave ``lr=1.0``; the loss sets the learning rate.
+    needs none) and without ``fused``. Leave ``lr=1.0``; the loss sets the learning rate. By
+    default the parameters are averaged (``average``): call ``opt.eval()`` before evaluating
+    or saving and ``opt.train()`` before training again.
 
     Args:
         params: parameters or param groups.
@@ -47,7 +56,8 @@ class EmoCats(EmoOptimizer):
         average: Schedule-Free iterate averaging on top of ``pulse="distance"`` (required),
             as :class:`~emo_core.EmoSens`'s: call ``opt.eval()`` before evaluating or saving
             and ``opt.train()`` before training steps; +4 B/param for the average ``x``
-            (``emo_core/averaging.md``) (default: False).
+            (``emo_core/averaging.md``). None = on with ``pulse="distance"`` unless
+            ``use_shadow=True`` or a parameter is bf16/fp16 (default: None).
         interpolation: ``β`` of the training point ``y = β·x + (1 − β)·z`` under
             ``average=True`` (default: 0.8).
         **kwargs: the keyword-only arguments of :class:`~emo_core.EmoSens` (``pulse``,
@@ -79,10 +89,11 @@ class EmoCats(EmoOptimizer):
         log_every: int = 1,
         maximize: bool = False,
         capture_loss: bool = False,
-        average: bool = False,
+        average: bool | None = None,
         interpolation: float = 0.8,
     ) -> None:
-        averaged = as_bool("average", average)
+        params = list(params)  # (read twice: for the average's default, then by torch)
+        averaged = resolve_average(average, pulse, use_shadow, params)
         if betas is None:  # a short momentum under averaging: z moves, m must follow it
             betas = AVERAGED_BETAS if averaged else BETAS
         defaults = {"betas": betas, "interpolation": interpolation}

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import DEFAULT_PULSE, Bucket, EmoOptimizer, common_options, compiled
+from ._base import (
+    DEFAULT_PULSE,
+    Bucket,
+    EmoOptimizer,
+    common_options,
+    compiled,
+    resolve_average,
+)
 from ._validation import as_bool, check_betas, check_range
 from .averaging import inverse_bias_correction
 
@@ -35,7 +42,9 @@ class EmoSens(EmoOptimizer):
     """Adam-type Emo optimizer: accurate, 8 bytes of state per parameter.
 
     Leave ``lr=1.0``: the learning rate is automatic (emoPulse, between ``min_lr`` and
-    ``max_lr``), chosen by ``pulse``. ``lr`` is a plain multiplier applied after it (and
+    ``max_lr``), chosen by ``pulse``. By default the parameters are averaged (``average``):
+    call ``opt.eval()`` before evaluating or saving the model and ``opt.train()`` before
+    training again. ``lr`` is a plain multiplier applied after it (and
     after the clamp), like per-group ``lr`` values and LR schedulers. Feed the loss every step:
     ``opt.step(loss=loss)``, ``opt.set_loss``/``add_loss``, or a closure that returns it.
 
@@ -44,12 +53,13 @@ class EmoSens(EmoOptimizer):
         lr: multiplier on the automatic LR; 1.0 is the tested default (default: 1.0).
         betas: first and second moment decay (default: (0.9, 0.995)).
         eps: added to √v (default: 1e-8).
-        weight_decay: decoupled weight decay, scaled by the effective LR (default: 0.01).
+        weight_decay: decoupled weight decay, scaled by the effective LR; None = 0 with
+            averaging (Schedule-Free's choice), 0.01 without (default: None).
         use_shadow: keep a shadow copy that pulls parameters back on loss spikes (+4 B/param)
             (default: False).
-        pulse: ``"v37"``, upstream's v3.7 emoPulse from the loss alone (SPEC §2), or
-            ``"distance"``, the step size from a distance-to-init estimate with the loss
-            sensor's brake (``emo_core/distance.md``) (default: ``"v37"``).
+        pulse: ``"distance"``, the step size from a distance-to-init estimate with the loss
+            sensor's brake (``emo_core/distance.md``), or ``"v37"``, upstream's v3.7
+            emoPulse from the loss alone (SPEC §2) (default: ``"distance"``).
         min_lr: lower clamp of the pulse; None = 1e-6 (v37) or 1e-8 (distance)
             (default: None).
         max_lr: upper clamp of the pulse; None = 1e-3 (v37) or 1.0 (distance)
@@ -79,7 +89,9 @@ class EmoSens(EmoOptimizer):
             the parameters train at an interpolation and hold the average after
             ``opt.eval()``; call ``opt.train()`` before training steps again. ``betas[0]``
             becomes the interpolation weight (no first moment; the memory stays 8 B/param)
-            and settling is off (``emo_core/averaging.md``) (default: False).
+            and settling is off (``emo_core/averaging.md``). None = on with
+            ``pulse="distance"`` unless ``use_shadow=True`` or a parameter is bf16/fp16
+            (``averaging.md``, "Default and low precision") (default: None).
     """
 
     def __init__(
@@ -88,7 +100,7 @@ class EmoSens(EmoOptimizer):
         lr: float = 1.0,
         betas: tuple[float, float] = (0.9, 0.995),
         eps: float = 1e-8,
-        weight_decay: float = 0.01,
+        weight_decay: float | None = None,
         *,
         pulse: str = DEFAULT_PULSE,
         use_shadow: bool = False,
@@ -105,8 +117,9 @@ class EmoSens(EmoOptimizer):
         log_every: int = 1,
         maximize: bool = False,
         capture_loss: bool = False,
-        average: bool = False,
+        average: bool | None = None,
     ) -> None:
+        params = list(params)  # (read twice: for the average's default, then by torch)
         # Parsed before the cross-checks: class-path users pass strings ("False" is truthy).
         self.fused = as_bool("fused", fused, allow_none=True)
         foreach = as_bool("foreach", foreach, allow_none=True)
@@ -118,7 +131,10 @@ class EmoSens(EmoOptimizer):
                 "Invalid fused/compile_update: choose one of fused=True and compile_update=True"
             )
         super().__init__(
-            params, {"betas": betas, "eps": eps}, **common_options(locals()), average=average
+            params,
+            {"betas": betas, "eps": eps},
+            **common_options(locals()),
+            average=resolve_average(average, pulse, use_shadow, params),
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

@@ -325,6 +325,12 @@ def _checked_param_state(
     hint = ""
     if ("x" in entry or "z" in entry) and not opt.average:  # (keys only averaging keeps)
         hint = "; a state saved with average=True needs an optimizer with average=True"
+    elif opt.average and not {"x", "z"} & entry.keys():  # (saved without averaging)
+        hint = (
+            "; a state saved without averaging (pulse='v37', or average=False) needs an "
+            f"optimizer without it: construct {type(opt).__name__}(..., pulse='v37') or "
+            "(..., average=False) as it was saved"
+        )
     if missing:
         _fail(f"state[{key!r}] lacks {missing} ({owner} keeps {sorted(template)}){hint}")
     if unknown:

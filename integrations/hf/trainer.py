@@ -18,8 +18,8 @@ Three public hooks, nothing patched:
   ``args.emo_stop_on_signal`` is set. Reading these values syncs the device, so it happens
   only at ``logging_steps``.
 
-``EmoSens(average=True)`` (``optim_args="pulse=distance,average=True"``): transformers itself
-calls ``optimizer.train()`` before each training step and ``optimizer.eval()`` before
+With averaging (EmoSens's and EmoCats's default; ``optim_args="average=False"`` turns it
+off): transformers itself calls ``optimizer.train()`` before each training step and ``optimizer.eval()`` before
 evaluating, so evaluation (and a checkpoint written right after it) sees the average;
 ``train()`` here ends with ``optimizer.eval()``, so the model holds the average for
 ``save_model`` (not with ``load_best_model_at_end``, whose loaded weights it would mix).

@@ -62,7 +62,7 @@ class EmoCallback(Callback):
     warns and keeps its LR). The callback holds no state of its own: the loss statistics
     live in the optimizer's ``state_dict``, which Lightning checkpoints.
 
-    ``EmoSens(average=True)`` (iterate averaging): the callback calls ``opt.eval()`` before
+    Iterate averaging (EmoSens's and EmoCats's default): the callback calls ``opt.eval()`` before
     validation, test and predict loops and at the end of ``fit`` (the module then holds the
     average, for use and for checkpoints written there), and ``opt.train()`` before each
     training batch. Without averaging both calls do nothing.

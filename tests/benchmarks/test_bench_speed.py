@@ -93,12 +93,12 @@ def test_state_bytes_per_param() -> None:
     for p in params:
         p.grad = torch.randn_like(p)
     numel = sum(p.numel() for p in params)
-    expected = {EmoSens: 8.0, EmoCats: 4.0}
+    expected = {EmoSens: 8.0, EmoCats: 4.0}  # (v37: no averaged x, no distance sample)
     for cls, want in expected.items():
-        opt = cls(params)
+        opt = cls(params, pulse="v37")
         opt.step(loss=1.0)
         assert state_bytes(opt) / numel == pytest.approx(want, abs=0.01)
-    airy = EmoAiry(params)
+    airy = EmoAiry(params, pulse="v37")
     airy.step(loss=1.0)
     assert state_bytes(airy) / numel < 0.1
     adamw = torch.optim.AdamW(params, fused=True)

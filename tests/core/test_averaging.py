@@ -184,7 +184,9 @@ def test_eval_and_train_switch_once_and_step_refuses_eval_mode() -> None:
 @pytest.mark.parametrize("cls", [EmoSens, EmoAiry, EmoCats])
 def test_train_and_eval_are_no_ops_without_averaging(cls) -> None:
     model = small_model()
-    opt = cls(model.parameters(), pulse="distance")
+    opt = cls(
+        model.parameters(), pulse="distance", **({} if cls is EmoAiry else {"average": False})
+    )
     train_scripted(model, opt, range(5))
     before = copy.deepcopy(model.state_dict())
     opt.eval()
@@ -291,7 +293,7 @@ def test_state_is_x_and_v_eight_bytes_per_parameter() -> None:
 
 def test_a_state_dict_of_the_other_mode_is_refused_and_changes_nothing() -> None:
     plain_model, model = small_model(), small_model()
-    plain = EmoSens(plain_model.parameters(), pulse="distance")
+    plain = EmoSens(plain_model.parameters(), pulse="distance", average=False)
     train_scripted(plain_model, plain, range(3))
     opt = EmoSens(model.parameters(), **AVERAGE)
     train_scripted(model, opt, range(3))
@@ -394,7 +396,7 @@ def test_a_low_state_dtype_does_not_round_fp32_parameters_on_eval_and_train(cls)
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"average": True}, r"average=True with pulse='v37'.*pulse='distance'"),
+        ({"pulse": "v37", "average": True}, r"average=True with pulse='v37'.*pulse='distance'"),
         ({**AVERAGE, "use_shadow": True}, r"use_shadow=True with average=True"),
         ({**AVERAGE, "betas": (0.0, 0.995)}, r"betas\[0\]=0 with average=True"),
         ({"pulse": "distance", "average": "maybe"}, r"average"),
@@ -407,7 +409,8 @@ def test_bad_options_raise_a_clear_error(kwargs: dict, message: str) -> None:
 
 def test_the_fused_kernel_leaves_gradients_as_they_were() -> None:
     """The fused kernel uses each gradient as its own first-moment buffer (``lerp(g, g, 1)``);
-    the values users read after ``step()`` stay bitwise the same."""
+    the values users read after ``step()`` stay the same (a zero's sign aside: on CPU a
+    ``-0.0`` comes back as ``+0.0``, ``test_contract.py`` checks the bits)."""
     model = small_model()
     params = list(model.parameters())
     opt = EmoSens(params, fused=True, **AVERAGE)
@@ -633,3 +636,27 @@ def test_a_state_saved_by_emo_0_1_with_z_loads_and_trains_on(cls: type, save_in:
     # still small this early, amplifies to ~1e-6)
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------- the defaults
+def test_the_default_averages_fp32_parameters_with_no_weight_decay() -> None:
+    """``average=None``: on with ``pulse="distance"`` (the default), off for ``pulse="v37"``,
+    with ``use_shadow=True`` and for bf16/fp16 parameters (``averaging.md``, "Low
+    precision"); ``weight_decay=None`` follows it (EmoSens: 0 averaged, 0.01 otherwise)."""
+    fp32 = list(small_model().parameters())
+    bf16 = list(small_model().to(torch.bfloat16).parameters())
+    sens = EmoSens(fp32)
+    assert sens.average and sens.param_groups[0]["weight_decay"] == 0.0
+    assert EmoCats(fp32).average and EmoCats(fp32).param_groups[0]["weight_decay"] == 0.01
+    for off in (
+        EmoSens(fp32, pulse="v37"),
+        EmoSens(fp32, use_shadow=True),
+        EmoSens(bf16),
+        EmoSens([{"params": iter(bf16)}]),  # (a group's generator is listed, not consumed)
+        EmoCats(bf16),
+        EmoSens(fp32, average=False),
+    ):
+        assert not off.average and off.param_groups[0]["weight_decay"] == 0.01
+    assert EmoSens(bf16, average=True).average  # an explicit value wins
+    grouped = EmoSens([{"params": iter(fp32)}])
+    assert grouped.average and len(grouped.param_groups[0]["params"]) == len(fp32)

@@ -379,7 +379,7 @@ def test_small_lr_warns_once_at_the_caller_with_the_effective_lr_and_the_fix() -
     assert warning.category is UserWarning and warning.filename == __file__
     text = str(warning.message)
     assert "multiplies the automatic learning rate" in text
-    assert "1e-10..1e-07" in text  # emoPulse 1e-6..1e-3 times 1e-4
+    assert "1e-12..0.0001" in text  # emoPulse 1e-8..1 (the distance controller's) times 1e-4
     assert "lr=1.0" in text and "--learning_rate 1.0" in text
 
 

@@ -92,7 +92,10 @@ def test_state_dtype_accepts_dtype_names() -> None:
     opt = EmoSens([p], state_dtype="bfloat16")
     p.grad = torch.ones_like(p)
     opt.step(loss=1.0)
-    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    # (bf16 parameters are not averaged by default: exp_avg, not x)
+    assert {key: t.dtype for key, t in opt.state[p].items()} == dict.fromkeys(
+        ("exp_avg", "exp_avg_sq"), torch.bfloat16
+    )
     assert EmoSens([p], state_dtype="torch.float32").state_dtype == torch.float32
     with pytest.raises(ValueError, match=r"Invalid state_dtype: torch.int8"):
         EmoSens([p], state_dtype="int8")
@@ -208,7 +211,8 @@ def test_no_loss_warns_once_and_keeps_the_previous_lr() -> None:
     p.grad = torch.ones(2)
     with pytest.warns(UserWarning, match="set_loss"):
         opt.step()
-    assert opt.get_effective_lr() == [pytest.approx(1e-3)]  # max_lr before the first loss
+    # the distance controller's starting scale D0 before the first loss (v3.7: its max_lr)
+    assert opt.get_effective_lr() == [pytest.approx(1e-6)]
     assert not torch.equal(p, torch.zeros(2))  # it still trains
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -353,19 +357,27 @@ def test_non_finite_step_changes_nothing_and_training_continues(
 def test_the_finite_check_flags_every_bad_value_and_leaves_gradients_bitwise(
     size: tuple[int, int], bad: float | None
 ) -> None:
-    """Both checks (the AMP kernel for small CPU gradients, 2-norms for large ones)."""
-    params = [torch.randn(size, requires_grad=True) for _ in range(3)]
-    opt = EmoSens(params)
-    set_random_grads(params, 0)
-    params[2].grad[1, 2] = -0.0
-    params[2].grad[0, 0] = 1e-45  # a subnormal
-    if bad is not None:
-        params[1].grad[3, 4] = bad
-    grads = [p.grad.clone() for p in params]
-    opt.step(loss=1.0)
-    for g, before in zip((p.grad for p in params), grads):
-        assert torch.equal(g.view(torch.int32), before.view(torch.int32))
-    assert int(opt.emo_state["emo_pulse"]["skipped"]) == (bad is not None)
+    """Both checks (the AMP kernel for small CPU gradients, 2-norms for large ones), under the
+    plain update and under the default averaged one. The averaged fused kernel uses each
+    gradient as its own first-moment buffer (``lerp(g, g, 1)``): the values stay, but on CPU
+    a ``-0.0`` comes back as ``+0.0``; every other bit pattern is kept."""
+    for averaged in (False, True):
+        params = [torch.randn(size, requires_grad=True) for _ in range(3)]
+        opt = EmoSens(params, average=averaged)
+        set_random_grads(params, 0)
+        params[2].grad[1, 2] = -0.0
+        params[2].grad[0, 0] = 1e-45  # a subnormal
+        if bad is not None:
+            params[1].grad[3, 4] = bad
+        grads = [p.grad.clone() for p in params]
+        opt.step(loss=1.0)
+        for g, before in zip((p.grad for p in params), grads):
+            bits, bits_before = g.view(torch.int32), before.view(torch.int32)
+            if averaged:  # the sign of a zero aside
+                assert torch.equal(g, before) or torch.isnan(before).any()
+                bits, bits_before = bits[before != 0], bits_before[before != 0]
+            assert torch.equal(bits, bits_before)
+        assert int(opt.emo_state["emo_pulse"]["skipped"]) == (bad is not None)
 
 
 # ------------------------------------------------------------------- resume

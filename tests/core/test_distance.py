@@ -25,6 +25,7 @@ from tests.core.cases import (
     OPTIMIZERS,
     assert_bad_step_is_a_no_op,
     assert_same,
+    fresh_compile_cache,
     impl_id,
     scripted_losses,
     set_random_grads,
@@ -163,6 +164,7 @@ def test_a_negative_loss_trains(name: str) -> None:
 @pytest.mark.parametrize("case", ALL_IMPLS + [(n, {}) for n in NAMES], ids=impl_id)
 def test_step_makes_no_host_reads(case: tuple[str, dict]) -> None:
     name, impl = case
+    fresh_compile_cache(impl)
     params = list(small_model().parameters())
     opt = OPTIMIZERS[name](params, use_shadow=True, **DISTANCE, **impl)
     for step, loss in enumerate(scripted_losses(5)):
@@ -676,10 +678,18 @@ def _noop(emo: dict) -> None:
     pass
 
 
+PLAIN = {**DISTANCE, "average": False}  # (the pulse alone differs from v37's)
+
 # case: (options it was saved with, edit of its emo_state, options loading it, message)
 MISMATCHES = {
-    "v37 into distance": ({"pulse": "v37"}, _noop, DISTANCE, r"saved with pulse='v37'"),
-    "distance into v37": (DISTANCE, _noop, {"pulse": "v37"}, r"saved with pulse='distance'"),
+    "v37 into distance": ({"pulse": "v37"}, _noop, PLAIN, r"saved with pulse='v37'"),
+    "distance into v37": (PLAIN, _noop, {"pulse": "v37"}, r"saved with pulse='distance'"),
+    "v37 into the default": (
+        {"pulse": "v37"},
+        _noop,
+        {},
+        r"saved without averaging \(pulse='v37'.*construct EmoSens\(\.\.\., pulse='v37'\)",
+    ),
     "no controller entry": (
         DISTANCE,
         lambda emo: emo.pop("emo_distance"),

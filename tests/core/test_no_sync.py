@@ -12,6 +12,7 @@ import torch
 from tests.core.cases import (
     ALL_IMPLS,
     OPTIMIZERS,
+    fresh_compile_cache,
     impl_id,
     scripted_losses,
     set_random_grads,
@@ -56,6 +57,7 @@ def test_the_counter_catches_an_item_call() -> None:
 @pytest.mark.parametrize("case", ALL_IMPLS + [(n, {}) for n in OPTIMIZERS], ids=impl_id)
 def test_step_makes_no_host_reads(case: tuple[str, dict], use_shadow: bool) -> None:
     name, impl = case
+    fresh_compile_cache(impl)
     model = small_model()
     params = list(model.parameters())
     opt = OPTIMIZERS[name](params, use_shadow=use_shadow, **impl)

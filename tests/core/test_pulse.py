@@ -50,7 +50,7 @@ def _feed(losses: list[float], n_tensors: int = 1, opt_cls=EmoSens, **kwargs) ->
 def test_spec_vectors(trace: str) -> None:
     data = json.loads(VECTORS.read_text())["traces"][trace]
     p = torch.zeros(4, requires_grad=True)
-    opt = EmoSens([p])
+    opt = EmoSens([p], pulse="v37")  # the vectors pin SPEC §2's pulse
     for loss, expected in zip(data["loss"], data["expected"]):
         p.grad = torch.zeros_like(p)
         opt.step(loss=loss)
@@ -76,12 +76,12 @@ def test_seed_table_scalar_to_trust(sigma: float, trust: float) -> None:
 
 
 def test_flat_loss_runs_at_max_lr() -> None:
-    lrs = _feed([0.7] * 60)
+    lrs = _feed([0.7] * 60, pulse="v37")
     assert lrs[-1] == pytest.approx(1e-3)
 
 
 def test_steady_fall_runs_below_max_lr_and_above_min_lr() -> None:
-    lrs = _feed([2.0 * 0.99**t for t in range(200)])
+    lrs = _feed([2.0 * 0.99**t for t in range(200)], pulse="v37")
     assert 1e-5 < lrs[-1] < 1e-3
     assert min(lrs[50:]) > 1e-5
 
@@ -95,16 +95,16 @@ def test_spike_brakes_then_recovers() -> None:
     gen = torch.Generator().manual_seed(0)
     calm = (1.0 + 0.02 * (2 * torch.rand(200, generator=gen) - 1)).tolist()
     spiked = calm[:100] + [5.0] + calm[101:]
-    lrs = _feed(spiked, max_lr=10.0)
+    lrs = _feed(spiked, pulse="v37", max_lr=10.0)
     assert lrs[99] > 1.0
     assert lrs[100] < lrs[99] / 10
     assert lrs[130] > lrs[100] * 10
 
 
 def test_rising_loss_runs_slower_than_falling_and_flat() -> None:
-    flat = _feed([1.0] * 60)
-    falling = _feed([0.97**t for t in range(60)])
-    rising = _feed([1.03**t for t in range(60)])
+    flat = _feed([1.0] * 60, pulse="v37")
+    falling = _feed([0.97**t for t in range(60)], pulse="v37")
+    rising = _feed([1.03**t for t in range(60)], pulse="v37")
     assert flat[-1] == pytest.approx(1e-3)
     assert falling[-1] < flat[-1]
     assert rising[-1] < falling[-1] / 5

@@ -30,8 +30,16 @@ from tests.core.cases import (
 Corrupt = Callable[[dict, str], None]
 
 
-def _first_key(name: str) -> str:
+def _first_key(name: str, averaged: bool = False) -> str:
+    """The first per-parameter state key (averaged EmoSens keeps the average ``x`` there)."""
+    if averaged and name == "emosens":
+        return "x"
     return {"emosens": "exp_avg", "emoairy": "row_var", "emocats": "exp_avg"}[name]
+
+
+def _not_averaged(name: str) -> dict:
+    """The arguments that turn the default iterate averaging off (EmoAiry has none)."""
+    return {} if name == "emoairy" else {"average": False}
 
 
 def _emo(sd: dict) -> dict:
@@ -184,7 +192,8 @@ def test_corrupt_checkpoint_file_is_refused_and_changes_nothing(
     corrupt(corrupted, name)
     torch.save(corrupted, path)
 
-    model, opt = _trained(name, steps=2)
+    # (not averaged: a shadow is refused with averaging, which use_shadow=True turns off)
+    model, opt = _trained(name, steps=2, **_not_averaged(name))
     before = _snapshot(model, opt)
     with pytest.raises(
         ValueError, match="Invalid state_dict: .*" + pattern.replace("{key}", _first_key(name))
@@ -213,7 +222,9 @@ def test_state_of_another_emo_optimizer_is_refused(
     writer, reader, layout: str, pattern: str
 ) -> None:
     name = {EmoSens: "emosens", EmoAiry: "emoairy", EmoCats: "emocats"}[writer]
-    _, source = _trained(name)
+    # format 1 predates the distance controller: its state dicts are v3.7's
+    kwargs = {} if layout == "format-2" else {"pulse": "v37"}
+    _, source = _trained(name, **kwargs)
     sd = source.state_dict()
     if layout != "format-2":
         _as_format_1(sd, name)
@@ -222,7 +233,7 @@ def test_state_of_another_emo_optimizer_is_refused(
             if "exp_avg" in entry:
                 entry["step"] = torch.tensor(3.0)
     model = small_model()
-    opt = reader(model.parameters())
+    opt = reader(model.parameters(), **kwargs)
     with pytest.raises(ValueError, match=pattern):
         opt.load_state_dict(sd)
 
@@ -243,14 +254,15 @@ def test_torch_adamw_state_is_refused_with_a_clear_error() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_format_1_state_dicts_keep_loading_and_resume_exactly(name: str) -> None:
-    """State dicts written before format 2 (sensor in ``state``, no class name)."""
-    ref_model, ref_opt = _trained(name, steps=8)
-    model, opt = _trained(name, steps=4)
+    """State dicts written before format 2 (sensor in ``state``, no class name), which
+    predates the distance controller: v3.7's."""
+    ref_model, ref_opt = _trained(name, steps=8, pulse="v37")
+    model, opt = _trained(name, steps=4, pulse="v37")
     sd = copy.deepcopy(opt.state_dict())
     _as_format_1(sd, name)
     fresh_model = small_model(seed=1)
     fresh_model.load_state_dict(model.state_dict())
-    fresh = OPTIMIZERS[name](fresh_model.parameters())
+    fresh = OPTIMIZERS[name](fresh_model.parameters(), pulse="v37")
     fresh.load_state_dict(sd)
     params = list(fresh_model.parameters())
     for step, loss in list(enumerate(scripted_losses(8)))[4:]:
@@ -284,7 +296,10 @@ def test_bf16_parameters_keep_fp32_state_after_a_checked_load() -> None:
     opt.step(loss=1.0)
     fresh = EmoSens([p])
     fresh.load_state_dict(opt.state_dict())
-    assert fresh.state[p]["exp_avg"].dtype == torch.float32
+    # (bf16 parameters are not averaged by default: exp_avg, not x)
+    assert {key: t.dtype for key, t in fresh.state[p].items()} == dict.fromkeys(
+        ("exp_avg", "exp_avg_sq"), torch.float32
+    )
 
 
 _FUSED_SCRIPT = textwrap.dedent(
@@ -292,22 +307,25 @@ _FUSED_SCRIPT = textwrap.dedent(
     import io
     import torch
     from emo_core import EmoSens
-    p = torch.zeros(64, 64, requires_grad=True)
-    opt = EmoSens([p])  # default path on fp32 CPU parameters: torch's fused AdamW kernel
-    p.grad = torch.ones_like(p)
-    opt.step(loss=1.0)
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)  # (state_dict() shares the live per-parameter dicts)
-    buffer.seek(0)
-    sd = torch.load(buffer, weights_only=True)
-    sd["state"][0]["exp_avg"] = torch.zeros(4)
-    try:
-        opt.load_state_dict(sd)
-    except ValueError as error:
-        print("refused:", error)
-    p.grad = torch.ones_like(p)
-    opt.step(loss=1.0)
-    print("stepped", bool(torch.isfinite(p).all()))
+    # the default (averaged: the kernel gets exp_avg_sq, the average x stays out of it) and
+    # v3.7's configuration (exp_avg and exp_avg_sq)
+    for kwargs, key in (({}, "exp_avg_sq"), ({"pulse": "v37"}, "exp_avg")):
+        p = torch.zeros(64, 64, requires_grad=True)
+        opt = EmoSens([p], **kwargs)  # on fp32 CPU parameters: torch's fused AdamW kernel
+        p.grad = torch.ones_like(p)
+        opt.step(loss=1.0)
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)  # (state_dict() shares the live per-param dicts)
+        buffer.seek(0)
+        sd = torch.load(buffer, weights_only=True)
+        sd["state"][0][key] = torch.zeros(4)
+        try:
+            opt.load_state_dict(sd)
+        except ValueError as error:
+            print("refused:", error)
+        p.grad = torch.ones_like(p)
+        opt.step(loss=1.0)
+        print("stepped", bool(torch.isfinite(p).all()))
     """
 )
 
@@ -318,8 +336,9 @@ def test_mis_shaped_moment_never_reaches_the_fused_kernel() -> None:
         [sys.executable, "-c", _FUSED_SCRIPT], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "refused: Invalid state_dict: state[0]['exp_avg'] has shape (4,)" in result.stdout
-    assert "stepped True" in result.stdout
+    for key in ("exp_avg_sq", "exp_avg"):
+        assert f"refused: Invalid state_dict: state[0]['{key}'] has shape (4,)" in result.stdout
+    assert result.stdout.count("stepped True") == 2
 
 
 def test_live_state_mutated_to_a_wrong_shape_is_refused_before_the_fused_kernel() -> None:
@@ -350,7 +369,7 @@ def test_a_negative_second_moment_is_refused_and_changes_nothing(name: str, key:
 def test_a_state_on_the_meta_device_is_refused_by_name(name: str) -> None:
     _, source = _trained(name)
     saved = source.state_dict()
-    key = _first_key(name)
+    key = _first_key(name, averaged=source.average)
     saved["state"][0][key] = torch.empty_like(saved["state"][0][key], device="meta")
     _, opt = _trained(name, steps=2)
     with pytest.raises(ValueError, match=rf"state\[0\]\['{key}'\] is on the meta device"):

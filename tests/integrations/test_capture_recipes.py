@@ -30,6 +30,10 @@ def _no_capture_left() -> Any:
 
 
 assert_sensed = partial(assert_sensed_as_fed, rtol=1e-5, atol=1e-9)
+# The optimizers whose sensor is checked: assert_sensed compares the pulse too, which under
+# pulse="v37" is a function of the losses alone (the distance controller's also depends on
+# the parameters and gradients).
+SENSED = {"pulse": "v37"}
 
 
 def regression_data(n: int, seed: int = 0) -> TensorDataset:
@@ -91,7 +95,7 @@ def test_plain_hf_trainer_with_capture_senses_the_logged_losses(tmp_path: Path) 
         model=model,
         args=args,
         train_dataset=blocks,
-        optimizer_cls_and_kwargs=(EmoSens, {"capture_loss": True}),
+        optimizer_cls_and_kwargs=(EmoSens, {"capture_loss": True, **SENSED}),
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*received no loss")
@@ -138,6 +142,7 @@ def test_trl_sft_trainer_takes_optim_emosens_in_its_own_config(tmp_path: Path) -
     common = {"output_dir": str(tmp_path / "out"), "report_to": "none", "bf16": False}
     args = EmoSFTConfig(
         optim="emosens",
+        optim_args="pulse=v37",  # (SENSED)
         max_steps=3,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
@@ -198,7 +203,7 @@ def test_accelerate_loop_with_capture_and_accumulation(scaled: bool) -> None:
         # (before prepare, as accelerate does) whose scale doubles after every step, so its
         # own backward (scaler.scale(loss / n).backward()) and step/update paths run.
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
-    opt = EmoSens(model.parameters(), capture_loss=True)
+    opt = EmoSens(model.parameters(), capture_loss=True, **SENSED)
     loader = DataLoader(regression_data(48), batch_size=4)  # 12 batches: 4 full windows
     model, opt, loader = accelerator.prepare(model, opt, loader)
     micro = []
@@ -245,7 +250,7 @@ def test_lightning_without_callback_senses_the_window_mean_with_capture(precisio
     from lightning.pytorch.plugins import MixedPrecision
 
     n = 2
-    model = lightning_module(EmoCats, capture_loss=True)
+    model = lightning_module(EmoCats, capture_loss=True, **SENSED)
     extra: dict[str, Any] = {}
     scaler = None
     if precision == "16-mixed":  # on CPU the plugin is spelled out; a scale that changes

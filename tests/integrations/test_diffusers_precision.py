@@ -1,7 +1,7 @@
 """Why stochastic rounding matters for bf16 LoRA training (the emo_diffusers showcase).
 
 A warm-started peft LoRA adapter in bf16 (up-projection entries in [1, 2), where bf16's
-spacing is 2**-7) gets a small correction to learn. Emo's step is at most ~1e-3, below half
+spacing is 2**-7) gets a small correction to learn. Emo's v3.7 step is at most ~1e-3, below half
 the spacing (~3.9e-3): rounded to nearest, every update is lost and the adapter never
 changes (plain AdamW at 1e-4 the same). Rounded stochastically, updates survive in
 expectation and the bf16 adapter learns almost as well as an fp32 one.
@@ -60,7 +60,11 @@ def _train(dtype: torch.dtype, make_optimizer) -> tuple[list[float], bool]:
 
 def _emosens(stochastic_rounding: bool | None):
     def make(params):
-        return EmoSens(params, weight_decay=0.0, stochastic_rounding=stochastic_rounding)
+        # v3.7's pulse, capped at max_lr = 1e-3: below half a bf16 step here (the scale-finding
+        # default takes larger steps; tests/core/test_precision.py covers its rounding)
+        return EmoSens(
+            params, weight_decay=0.0, stochastic_rounding=stochastic_rounding, pulse="v37"
+        )
 
     return make
 

@@ -208,7 +208,10 @@ def test_emo_optimizer_passed_directly_is_fed_and_logged(tmp_path, recwarn):
     assert len(logs) == 3 and all("emo_lr" not in e and e["learning_rate"] < 1e-2 for e in logs)
 
 
-def test_logs_hold_emo_metrics_and_effective_learning_rate(tmp_path, tokenizer, blocks):
+@pytest.mark.parametrize("pulse", ["default", "v37"])
+def test_logs_hold_emo_metrics_and_effective_learning_rate(tmp_path, tokenizer, blocks, pulse):
+    """The default pulse finds a scale per param group (the Trainer's decay and no-decay
+    groups): ``emo_pulse`` is the largest; v37's one pulse is every group's."""
     tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     args = emo_args(
         tmp_path,
@@ -216,6 +219,7 @@ def test_logs_hold_emo_metrics_and_effective_learning_rate(tmp_path, tokenizer, 
         logging_steps=2,
         report_to=["tensorboard"],
         lr_scheduler_type="linear",
+        **({"optim_args": "pulse=v37"} if pulse == "v37" else {}),
     )
     trainer = EmoTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=blocks)
     trainer.train()
@@ -228,7 +232,12 @@ def test_logs_hold_emo_metrics_and_effective_learning_rate(tmp_path, tokenizer, 
         assert "emo_lr" not in entry  # the applied LR is logged once, as learning_rate
         # learning_rate is the LR the step used: emoPulse x the scheduler's multiplier.
         multiplier = entry["scheduled_lr"] / args.learning_rate
-        assert entry["learning_rate"] == pytest.approx(entry["emo_pulse"] * multiplier, rel=1e-6)
+        applied = [entry["learning_rate"], entry["emo_lr_group1"]]
+        assert max(applied) == pytest.approx(entry["emo_pulse"] * multiplier, rel=1e-6)
+        if pulse == "v37":
+            assert entry["learning_rate"] == pytest.approx(
+                entry["emo_pulse"] * multiplier, rel=1e-6
+            )
     assert logs[0]["scheduled_lr"] > logs[-1]["scheduled_lr"]  # linear decay acts on it
     assert logs[0]["learning_rate"] < 1e-2  # an emoPulse LR, not the multiplier 1.0
 

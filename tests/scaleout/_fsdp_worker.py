@@ -23,19 +23,31 @@ from torch.nn.parallel import DistributedDataParallel
 
 from emo_core import EmoAiry, EmoCats, EmoSens
 
-OPTIMIZERS = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
-# The distance controller too (its sample spans the shards). It starts at 1e-6 and lr
-# multiplies what it finds: lr=1e3 makes STEPS steps move bf16 parameters measurably (the
-# scale itself grows as at lr=1: the distance is counted in lr=1 units).
+CLASSES = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
+# Each name keeps its configuration explicit: the bare names are upstream's v3.7 pulse (SPEC
+# §2, one LR from the loss alone).
+OPTIMIZERS = {name: functools.partial(cls, pulse="v37") for name, cls in CLASSES.items()}
+# The distance controller too (its sample spans the shards), here without averaging. It
+# starts at 1e-6 and lr multiplies what it finds: lr=1e3 makes STEPS steps move bf16
+# parameters measurably (the scale itself grows as at lr=1: the distance is counted in lr=1
+# units).
 OPTIMIZERS.update(
     {
-        f"{name}-distance": functools.partial(cls, pulse="distance", lr=1e3)
-        for name, cls in list(OPTIMIZERS.items())
+        f"{name}-distance": functools.partial(
+            cls, pulse="distance", lr=1e3, **({} if cls is EmoAiry else {"average": False})
+        )
+        for name, cls in CLASSES.items()
     }
 )
-# and Schedule-Free averaging on it (z sharded like its parameter).
-OPTIMIZERS["emosens-average-distance"] = functools.partial(
-    EmoSens, pulse="distance", average=True, lr=1e3
+# and Schedule-Free averaging on it (x sharded like its parameter): with emoairy-distance,
+# the defaults.
+OPTIMIZERS.update(
+    {
+        f"{name}-average-distance": functools.partial(
+            CLASSES[name], pulse="distance", average=True, lr=1e3
+        )
+        for name in ("emosens", "emocats")
+    }
 )
 STEPS = 6
 
