@@ -108,7 +108,7 @@ def resolve_average(average: bool | None, pulse: str, use_shadow: bool, params: 
     ``use_shadow=True`` asks for the shadow, which averaging excludes, or a parameter is
     bf16/fp16: the stepped point ``z = y + β/(1 − β)·(y − x)`` is implied by the stored ``y``,
     so each rounding of ``y`` reaches the average amplified ~``1/(1 − β)`` (10x), and at a
-    small LR that noise outgrows the steps (``averaging.md``, "Low precision"). An explicit
+    small LR that noise outgrows the steps (``averaging.md``, "Default and low precision"). An explicit
     value wins (and is checked against ``pulse`` by the constructor). ``params``: the
     constructor's, as a list (tensors or param-group dicts)."""
     if average is not None:
@@ -116,7 +116,7 @@ def resolve_average(average: bool | None, pulse: str, use_shadow: bool, params: 
     if isinstance(pulse, str):
         pulse = pulse.strip().strip("'\"")
     tensors = []
-    for item in params:
+    for item in () if isinstance(params, Tensor) else params:
         if isinstance(item, dict):  # listed in place, as torch's add_param_group does
             if not isinstance(item.get("params"), (Tensor, list)) and "params" in item:
                 item["params"] = list(item["params"])
@@ -128,6 +128,13 @@ def resolve_average(average: bool | None, pulse: str, use_shadow: bool, params: 
         isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16) for t in tensors
     )
     return pulse == "distance" and not as_bool("use_shadow", use_shadow) and not half
+
+
+def listed_params(params: Any) -> Any:
+    """The constructor's ``params`` as a list, so that :func:`resolve_average` can read it
+    before torch does (a generator is read once); a lone tensor is left for torch to refuse
+    (listing it would iterate its rows)."""
+    return params if isinstance(params, Tensor) else list(params)
 
 
 def resolve_weight_decay(weight_decay: float | None, average: bool) -> float:

@@ -24,6 +24,7 @@ from ._base import (
     EmoOptimizer,
     common_options,
     compiled,
+    listed_params,
     resolve_average,
 )
 from ._validation import check_betas, check_range
@@ -92,7 +93,7 @@ class EmoCats(EmoOptimizer):
         average: bool | None = None,
         interpolation: float = 0.8,
     ) -> None:
-        params = list(params)  # (read twice: for the average's default, then by torch)
+        params = listed_params(params)  # (read twice: the average's default, then torch)
         averaged = resolve_average(average, pulse, use_shadow, params)
         if betas is None:  # a short momentum under averaging: z moves, m must follow it
             betas = AVERAGED_BETAS if averaged else BETAS

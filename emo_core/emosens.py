@@ -25,6 +25,7 @@ from ._base import (
     EmoOptimizer,
     common_options,
     compiled,
+    listed_params,
     resolve_average,
 )
 from ._validation import as_bool, check_betas, check_range
@@ -119,7 +120,7 @@ class EmoSens(EmoOptimizer):
         capture_loss: bool = False,
         average: bool | None = None,
     ) -> None:
-        params = list(params)  # (read twice: for the average's default, then by torch)
+        params = listed_params(params)  # (read twice: the average's default, then torch)
         # Parsed before the cross-checks: class-path users pass strings ("False" is truthy).
         self.fused = as_bool("fused", fused, allow_none=True)
         foreach = as_bool("foreach", foreach, allow_none=True)

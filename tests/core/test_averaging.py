@@ -660,3 +660,7 @@ def test_the_default_averages_fp32_parameters_with_no_weight_decay() -> None:
     assert EmoSens(bf16, average=True).average  # an explicit value wins
     grouped = EmoSens([{"params": iter(fp32)}])
     assert grouped.average and len(grouped.param_groups[0]["params"]) == len(fp32)
+    assert EmoSens(p for p in fp32).average  # a generator is read once, not consumed twice
+    for cls in (EmoSens, EmoCats):  # a lone tensor: torch's own refusal, not its rows
+        with pytest.raises(TypeError, match="iterable of Tensors"):
+            cls(fp32[0])
