@@ -103,22 +103,32 @@ choice: the decay ``lr·wd`` grows with the large LR averaging finds, ``averagin
 "Weight decay"), upstream's 0.01 otherwise."""
 
 
-def resolve_average(average: bool | None, pulse: str, use_shadow: bool, params: list[Any]) -> bool:
-    """``average=None`` (the default): iterate averaging with the distance controller, unless
-    ``use_shadow=True`` asks for the shadow, which averaging excludes, or a parameter is
-    bf16/fp16: the stepped point ``z = y + β/(1 − β)·(y − x)`` is implied by the stored ``y``,
-    so each rounding of ``y`` reaches the average amplified ~``1/(1 − β)`` (10x), and at a
-    small LR that noise outgrows the steps (``averaging.md``, "Default and low precision"). An explicit
-    value wins (and is checked against ``pulse`` by the constructor). ``params``: the
-    constructor's, as a list (tensors or param-group dicts)."""
+def pulse_name(pulse: Any) -> Any:
+    """``pulse`` as given, unquoted: class-path users may pass a quoted literal."""
+    return pulse.strip().strip("'\"") if isinstance(pulse, str) else pulse
+
+
+def resolve_average(
+    params: Any, average: bool | None, pulse: str, use_shadow: bool
+) -> tuple[Any, bool]:
+    """``(params, average)`` for a constructor: ``params`` listed (it is read here, then by
+    torch: a generator once; a lone tensor is left for torch to refuse, listing it would
+    iterate its rows) and ``average`` resolved. ``average=None`` (the default): iterate
+    averaging with the distance controller, unless ``use_shadow=True`` asks for the shadow,
+    which averaging excludes, or a parameter is bf16/fp16: the stepped point
+    ``z = y + β/(1 − β)·(y − x)`` is implied by the stored ``y``, so each rounding of ``y``
+    reaches the average amplified ~``1/(1 − β)`` (10x), and at a small LR that noise
+    outgrows the steps (``averaging.md``, "Default and low precision"). An explicit value
+    wins (and is checked against ``pulse`` by the constructor)."""
+    params = params if isinstance(params, Tensor) else list(params)
     if average is not None:
-        return as_bool("average", average)
-    if isinstance(pulse, str):
-        pulse = pulse.strip().strip("'\"")
+        return params, as_bool("average", average)
+    if isinstance(params, Tensor):  # (torch refuses it next)
+        return params, False
     tensors = []
-    for item in () if isinstance(params, Tensor) else params:
+    for item in params:
         if isinstance(item, dict):  # listed in place, as torch's add_param_group does
-            if not isinstance(item.get("params"), (Tensor, list)) and "params" in item:
+            if "params" in item and not isinstance(item["params"], (Tensor, list)):
                 item["params"] = list(item["params"])
             group = item.get("params", [])
             tensors.extend([group] if isinstance(group, Tensor) else group)
@@ -127,14 +137,8 @@ def resolve_average(average: bool | None, pulse: str, use_shadow: bool, params: 
     half = any(
         isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16) for t in tensors
     )
-    return pulse == "distance" and not as_bool("use_shadow", use_shadow) and not half
-
-
-def listed_params(params: Any) -> Any:
-    """The constructor's ``params`` as a list, so that :func:`resolve_average` can read it
-    before torch does (a generator is read once); a lone tensor is left for torch to refuse
-    (listing it would iterate its rows)."""
-    return params if isinstance(params, Tensor) else list(params)
+    averaged = pulse_name(pulse) == "distance" and not as_bool("use_shadow", use_shadow)
+    return params, averaged and not half
 
 
 def resolve_weight_decay(weight_decay: float | None, average: bool) -> float:
@@ -368,8 +372,7 @@ class EmoOptimizer(Optimizer):
         average: bool = False,
     ) -> None:
         lr = check_range("lr", lr, 0.0, low_inclusive=False)
-        if isinstance(pulse, str):  # class-path users may pass a quoted literal
-            pulse = pulse.strip().strip("'\"")
+        pulse = pulse_name(pulse)
         if pulse not in PULSES:
             raise ValueError(f"Invalid pulse: {pulse!r} (expected one of {', '.join(PULSES)})")
         self.pulse = pulse

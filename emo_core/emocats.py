@@ -24,7 +24,6 @@ from ._base import (
     EmoOptimizer,
     common_options,
     compiled,
-    listed_params,
     resolve_average,
 )
 from ._validation import check_betas, check_range
@@ -93,8 +92,7 @@ class EmoCats(EmoOptimizer):
         average: bool | None = None,
         interpolation: float = 0.8,
     ) -> None:
-        params = listed_params(params)  # (read twice: the average's default, then torch)
-        averaged = resolve_average(average, pulse, use_shadow, params)
+        params, averaged = resolve_average(params, average, pulse, use_shadow)
         if betas is None:  # a short momentum under averaging: z moves, m must follow it
             betas = AVERAGED_BETAS if averaged else BETAS
         defaults = {"betas": betas, "interpolation": interpolation}

@@ -25,7 +25,6 @@ from ._base import (
     EmoOptimizer,
     common_options,
     compiled,
-    listed_params,
     resolve_average,
 )
 from ._validation import as_bool, check_betas, check_range
@@ -120,7 +119,7 @@ class EmoSens(EmoOptimizer):
         capture_loss: bool = False,
         average: bool | None = None,
     ) -> None:
-        params = listed_params(params)  # (read twice: the average's default, then torch)
+        params, average = resolve_average(params, average, pulse, use_shadow)
         # Parsed before the cross-checks: class-path users pass strings ("False" is truthy).
         self.fused = as_bool("fused", fused, allow_none=True)
         foreach = as_bool("foreach", foreach, allow_none=True)
@@ -135,7 +134,7 @@ class EmoSens(EmoOptimizer):
             params,
             {"betas": betas, "eps": eps},
             **common_options(locals()),
-            average=resolve_average(average, pulse, use_shadow, params),
+            average=average,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
