@@ -599,10 +599,20 @@ class EmoOptimizer(Optimizer):
 
         sensor = self._sensor
         senses = loss_t is not None or across_ranks
+        distance = senses and self.pulse == "distance"
+        plan = self._distance_plan() if distance else self._plan["plan"]
+        period = 1 if plan is None else plan.period  # (a plan exists only under "distance")
+        # (a host count; under torch.compile only where something reads it, as it breaks
+        # the graph)
+        meta = self.emo_state[META_STATE_KEY]
+        counted = self.average or period > 1 or not torch.compiler.is_compiling()
+        calls = self._count_call(meta) if counted else None
         # The controller's sample is read before the gradient norms stream every gradient
         # through the caches, while _prepare has just touched the tensors it views (~5% of a
         # step on 400 small tensors); nothing in between writes a parameter or a gradient.
-        sample = self._distance_sample() if senses and self.pulse == "distance" else None
+        # A sample of more than SAMPLE_READS tensors is read every `period` calls.
+        reads = distance and (period == 1 or (calls is not None and (calls - 1) % period == 0))
+        sample = self._distance_sample(plan) if reads else None
         valid = self._grads_finite(work, sensor["ema_long"].device)
         if loss_t is None:
             self._warn_no_loss()
@@ -629,15 +639,14 @@ class EmoOptimizer(Optimizer):
             if sensed is not None:  # no rank had a loss: no information, not a skipped step
                 updated["skipped"] = sensor["skipped"] + (~valid).to(sensor["skipped"].dtype)
             self.emo_state[SENSOR_STATE_KEY] = updated
-            if sample is not None:
+            if distance:
                 self._advance_distance(sample, loss_t, valid if sensed is None else valid & sensed)
         self._refresh_effective_lr()
         if valid is None:
             valid = torch.ones((), dtype=torch.bool, device=sensor["ema_long"].device)
 
-        meta = self.emo_state[META_STATE_KEY]
         meta["steps"] += 1
-        fold = self._count_call(meta) if self.average else False
+        fold = self.average and fold_due(calls)
         self._rounding_streams = 0  # stochastic rounding: one noise stream per bucket
         # use_shadow turned off: its shadow is dropped (a state_dict keeping it would not
         # load, and turning it on again would pull towards those old weights)
@@ -805,6 +814,7 @@ class EmoOptimizer(Optimizer):
             cache["plan"] = plan_sample(self.param_groups, sensor.device, world)
             cache["layout"] = layout
             cache["views"] = [None] * len(cache["plan"].pieces)
+            cache["average_views"] = [None] * len(cache["plan"].pieces)
             state = self.emo_state.get(DISTANCE_STATE_KEY)
             groups = len(self.param_groups)
             if (
@@ -832,9 +842,9 @@ class EmoOptimizer(Optimizer):
                 self.emo_state[DISTANCE_STATE_KEY] = fresh
         return cache["plan"]
 
-    def _distance_sample(self) -> tuple[Tensor, Tensor]:
+    def _distance_sample(self, plan: SamplePlan) -> tuple[Tensor, Tensor]:
+        """The sampled ``(x, g)`` of this step (``plan``: :meth:`_distance_plan`'s)."""
         device = self._sensor["ema_long"].device
-        plan = self._distance_plan()
         views = self._plan["views"]
         x, g = gather_sample(plan, self.param_groups, device, None, views)
         if self.average:  # the distance is that of the stepped sequence z
@@ -848,8 +858,9 @@ class EmoOptimizer(Optimizer):
         sample is gathered once per fold and kept (not saved: a gather copies exactly)."""
         cached = self._plan.get("x_sample")
         if cached is None or cached[0] is not plan:
+            views = self._plan["average_views"]  # (x is state: its storage stays)
             average, _ = gather_sample(
-                plan, self.param_groups, device, self._average_point, grads=False
+                plan, self.param_groups, device, self._average_point, views, grads=False
             )
             betas = torch.tensor(
                 [self._interpolation(group) for group in self.param_groups],
@@ -868,11 +879,14 @@ class EmoOptimizer(Optimizer):
         state = self.state.get(p)
         return p if not state or "x" not in state else state["x"]
 
-    def _advance_distance(self, sample: tuple[Tensor, Tensor], loss: Tensor, valid: Tensor) -> None:
+    def _advance_distance(
+        self, sample: tuple[Tensor, Tensor] | None, loss: Tensor, valid: Tensor
+    ) -> None:
+        """One controller step; ``sample`` None between reads of the sample."""
         sensor = self._sensor
         state, lr = distance_update(
             self.emo_state[DISTANCE_STATE_KEY],
-            *sample,
+            *(sample or (None, None)),
             self._plan["plan"],
             sensor,
             loss,
@@ -902,14 +916,15 @@ class EmoOptimizer(Optimizer):
 
     # ------------------------------------------------------------ iterate averaging
     @torch._disable_dynamo  # (a host count: no recompile per step under torch.compile)
-    def _count_call(self, meta: dict[str, Any]) -> bool:
-        """Count this step call on the host, beside ``meta["steps"]`` (which lives in a
-        tensor; reading it here would count as a host read), and say whether the averaging
-        folds on it (:func:`~emo_core.averaging.fold_due`)."""
+    def _count_call(self, meta: dict[str, Any]) -> int:
+        """Count this step call on the host (1, 2, …), beside ``meta["steps"]`` (which lives
+        in a tensor; reading it here would count as a host read): the averaging's fold
+        schedule (:func:`~emo_core.averaging.fold_due`) and the distance sample's reads
+        (every ``period`` calls) follow it."""
         calls = self._flags.get("calls")
-        calls = int(meta["steps"]) if calls is None else calls + 1  # (None: an old pickle)
+        calls = int(meta["steps"]) + 1 if calls is None else calls + 1  # (None: an old pickle)
         self._flags["calls"] = calls
-        return fold_due(calls)
+        return calls
 
     def _advance_average(self, valid: Tensor, fold: bool) -> tuple[Tensor, Tensor, bool]:
         """This step's fold weight ``C`` (``averaging.py``), from the pulse, the count of

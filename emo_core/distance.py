@@ -56,6 +56,12 @@ tensors. Fewer is not cheaper in quality: the terms of ``Σ g·(x0 − x)`` are 
 across tensors, and in sd-scripts' LoRA of a small SD1.x (240 UNet tensors) 16 or 32 of them
 left the UNet's scale 100x short after 200 steps (64: 1e-2 by step 160; all: by step 130,
 as Prodigy + Schedule-Free's per-group d)."""
+SAMPLE_READS = 64
+"""Sampled tensors read per step on average: a sample of more tensors is read in full every
+``period = ⌈tensors / SAMPLE_READS⌉`` steps (:attr:`SamplePlan.period`), each read counting
+for the ``period`` steps it stands for. On a layout of hundreds of small tensors the views
+per tensor are the sample's whole cost (a LoRA's 400 tensors: ~1.5 ms a step, about a fifth
+of the step); a model of up to 64 tensors is read every step."""
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 D0 = 1e-6
 """The starting scale: far below any useful LR, so the first steps cannot overshoot."""
@@ -109,6 +115,11 @@ class SamplePlan:
     @property
     def n_groups(self) -> int:
         return len(self.counts)
+
+    @property
+    def period(self) -> int:
+        """Steps between reads of the sample (1 up to :data:`SAMPLE_READS` tensors)."""
+        return max(1, -(-len(self.pieces) // SAMPLE_READS))
 
     def group_sums(self, values: Tensor, dtype: torch.dtype) -> Tensor:
         """``[n_groups]``: the sum of ``values`` (``[size]``) over each group's coordinates,
@@ -427,6 +438,8 @@ def init_distance_state(
 
     state = {
         "d": torch.full((n_groups,), D0, dtype=dtype, device=device),
+        # the last read's estimate, which d grows towards between reads (0: no growth yet)
+        "d_hat": torch.zeros(n_groups, dtype=dtype, device=device),
         "num": torch.zeros(n_groups, dtype=dtype, device=device),
         "lr": torch.full((n_groups,), lr, dtype=dtype, device=device),
         "started": torch.zeros((), dtype=torch.bool, device=device),
@@ -496,10 +509,20 @@ def outlier_brake(state: dict[str, Tensor], loss: Tensor) -> Tensor:
     return torch.where(outlier & (b == b), b, torch.ones_like(b))
 
 
+_READ_KEYS = ("d", "d_hat", "num", "started", "x0", "s", "x_prev", "m_prev", "k", "m", "v")
+"""The controller entries that a read of the sample changes (``d`` and ``m_prev`` also
+between reads: ``d`` grows towards the last estimate, ``m_prev`` is the last step's)."""
+
+
+def _grown(d: Tensor, d_hat: Tensor, growth: float, max_lr: float) -> Tensor:
+    """``d`` moved towards the estimate ``d_hat``: never down, at most ``growth`` per step."""
+    return torch.clamp(torch.maximum(d, torch.minimum(d_hat, d * growth)), max=max_lr)
+
+
 def distance_update(
     state: dict[str, Tensor],
-    x: Tensor,
-    g: Tensor,
+    x: Tensor | None,
+    g: Tensor | None,
     plan: SamplePlan,
     sensor: dict[str, Tensor],
     loss: Tensor,
@@ -519,7 +542,12 @@ def distance_update(
 
     Args:
         state: see :func:`init_distance_state`; not modified.
-        x, g: the sampled parameter and gradient values of this step (before the update).
+        x, g: the sampled parameter and gradient values of this step (before the update);
+            None on a step between reads (``plan.period > 1``): ``d`` grows towards the
+            estimate of the last read (at most ``growth`` per step, as on a read), the
+            sampled moments keep their values, and the loss-driven factors move as on every
+            step. A read stands for the ``plan.period`` steps since the last (the EMAs decay
+            by ``β3^period``).
         plan: the sample (per-coordinate weights, i.e. parameters represented, and groups).
         sensor: the loss sensor's state after this step (for :func:`brake`).
         loss: the sensed loss of this step (for settling, ``settle.py``).
@@ -531,7 +559,7 @@ def distance_update(
             A sign update (EmoCats) moves ``d`` whatever the noise: p = 1 moves it as far as
             EmoSens would. EmoAiry's unclipped ``g/√v̂`` lies between them: p = 0.5.
         settle: apply settling's factor (off under iterate averaging, which replaces the
-            annealing; its state still advances).
+            annealing; then only the loss averages the outlier brake reads advance).
         growth: the most ``d`` may grow per step (:data:`GROWTH`; ``math.inf`` under iterate
             averaging, whose bias-corrected moments are not stale early, ``averaging.md``).
         multipliers: each group's ``lr`` this step (``[n_groups]``; default 1): the applied
@@ -539,12 +567,53 @@ def distance_update(
             alone would have moved them; the displacement is counted in ``lr = 1`` units.
     """
     jolt = outlier_brake(state, loss)
-    # The last step moved the sample by (x_prev − x), lr_prev times what lr = 1 would have:
+    if x is None or g is None:  # between reads: the scale stands, the multiplier moves on
+        out = {key: state[key] for key in _READ_KEYS if key in state}
+        if multipliers is not None:
+            out["m_prev"] = torch.where(valid, multipliers, state["m_prev"])
+        out["d"] = torch.where(
+            valid, _grown(state["d"], state["d_hat"], growth, max_lr), state["d"]
+        )
+        scale = out["d"]
+        if direction_power:
+            scale = scale * adam_rms(out["m"], out["v"], out["k"], plan) ** direction_power
+    else:
+        out, scale = _read_update(
+            state, x, g, plan, jolt, valid, max_lr, direction_power, growth, multipliers
+        )
+    out.update(settle_update(state, loss, valid, test=settle))
+    slow = torch.minimum(brake(sensor), jolt)
+    lr = scale * slow * out["settle"] if settle else scale * slow
+    lr = torch.clamp(lr, min=min_lr, max=max_lr)
+    out["lr"] = torch.where(valid, lr, state["lr"])
+    return out, out["lr"]
+
+
+def _read_update(
+    state: dict[str, Tensor],
+    x: Tensor,
+    g: Tensor,
+    plan: SamplePlan,
+    jolt: Tensor,
+    valid: Tensor,
+    max_lr: float,
+    direction_power: float,
+    growth: float,
+    multipliers: Tensor | None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Steps 1-6 of ``distance.md`` on a read of the sample: the new entries and the scale
+    ``d·ρ^p``. A read every ``plan.period`` steps stands for that many steps: the EMAs decay
+    by ``β3^period`` (the same memory in steps; a factor ``period`` on each new term would
+    cancel in ``num/den``), and the estimate ``d_hat`` is kept for ``d`` to grow towards
+    between reads."""
+    period = plan.period
+    decay = BETA3**period  # (period 1: BETA3 exactly)
+    m_prev = state["m_prev"]
+    # The last read moved the sample by (x_prev − x), lr_prev times what lr = 1 would have:
     # the starting point moves by (1/lr_prev − 1)·(x_prev − x), so x0 − x is the distance
     # at lr = 1 (exactly x0 while lr is 1: the factor is 0; a frozen group, lr 0, moved not).
     # At most 100x: below lr = 0.01 the step is within rounding of the parameters, and
     # amplifying it further would count their rounding as distance.
-    m_prev = state["m_prev"]
     # (reciprocal: 1.0 / m_prev is reciprocal · 1.0, one op more)
     factor = torch.where(m_prev > 0, torch.clamp(m_prev.reciprocal(), max=MAX_LR_UNITS) - 1.0, 0.0)
     shift = (state["x_prev"] - x) * plan.spread(factor, x.dtype)
@@ -556,13 +625,13 @@ def distance_update(
     # While d has not left D0, a step that went against the gradient adds nothing: early on
     # that is noise, and letting it pull num below 0 delays the first growth.
     progress = torch.where((d > D0) | (progress > 0), progress, torch.zeros_like(progress))
-    num = torch.addcmul(BETA3 * state["num"], lam, progress)
-    s = torch.addcmul(BETA3 * state["s"], weighted_g, plan.spread(lam, g.dtype))  # weighted
+    num = torch.addcmul(decay * state["num"], lam, progress)
+    s = torch.addcmul(decay * state["s"], weighted_g, plan.spread(lam, g.dtype))  # weighted
     den = plan.group_sums(s.abs(), d.dtype)  # ||s||₁ per group
     d_hat = num / torch.clamp(den, min=torch.finfo(den.dtype).tiny)  # 0 while den = 0
-    d_new = torch.clamp(torch.maximum(d, torch.minimum(d_hat, d * growth)), max=max_lr)
     out = {
-        "d": torch.where(valid, d_new, d),
+        "d": torch.where(valid, _grown(d, d_hat, growth, max_lr), d),
+        "d_hat": torch.where(valid, d_hat, state["d_hat"]),
         "num": torch.where(valid, num, state["num"]),
         "started": state["started"] | valid,
         "x0": torch.where(valid, x0, state["x0"]),
@@ -579,9 +648,4 @@ def distance_update(
             out[key] = torch.lerp(state[key], value, (valid * (1 - beta)).to(g.dtype))
             out[key] = torch.where(valid, out[key], state[key])  # (nan-safe)
         scale = scale * adam_rms(out["m"], out["v"], out["k"], plan) ** direction_power
-    out.update(settle_update(state, loss, valid))
-    slow = torch.minimum(brake(sensor), jolt)
-    lr = scale * slow * out["settle"] if settle else scale * slow
-    lr = torch.clamp(lr, min=min_lr, max=max_lr)
-    out["lr"] = torch.where(valid, lr, state["lr"])
-    return out, out["lr"]
+    return out, scale

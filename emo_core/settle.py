@@ -69,12 +69,17 @@ def _gap_std_factor(a_fast: Tensor, a_slow: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(var_fast + var_slow - 2 * cov, min=0.0))
 
 
-def settle_update(state: dict[str, Tensor], loss: Tensor, valid: Tensor) -> dict[str, Tensor]:
+def settle_update(
+    state: dict[str, Tensor], loss: Tensor, valid: Tensor, test: bool = True
+) -> dict[str, Tensor]:
     """Advance the settling state by one step (unchanged where ``valid`` is False).
 
     ``loss`` is the sensed loss (a 0-dim tensor of the state's dtype; any sign and scale:
     the test is a ratio of loss differences). Returns the new entries; ``settle`` is the
-    factor to multiply the step size by.
+    factor to multiply the step size by. ``test=False``: only the averages advance (``n``,
+    ``l_fast``, ``l_slow``, ``l_var``, which the outlier brake reads); ``settle`` and
+    ``fell`` keep their values (iterate averaging, which applies no factor: 50 of the 66
+    small ops of a step are the test's).
     """
     n = state["n"] + 1
     slow_horizon = torch.clamp(n * HORIZON_FRACTION, min=HORIZON_MIN)
@@ -86,6 +91,10 @@ def settle_update(state: dict[str, Tensor], loss: Tensor, valid: Tensor) -> dict
     l_var = torch.where(n == 1, torch.zeros_like(l_var), l_var)  # no deviation yet
     l_fast = torch.lerp(state["l_fast"], loss, a_fast)
     l_slow = torch.lerp(state["l_slow"], loss, a_slow)
+    if not test:
+        moved = {"n": n, "l_fast": l_fast, "l_slow": l_slow, "l_var": l_var}
+        moved = {key: torch.where(valid, value, state[key]) for key, value in moved.items()}
+        return {"settle": state["settle"], **moved, "fell": state["fell"]}
 
     noise = torch.sqrt(l_var) * _gap_std_factor(a_fast, a_slow)
     scale = torch.clamp(torch.maximum(noise, 1e-12 * l_slow.abs()), min=1e-300)

@@ -35,11 +35,12 @@ from .precision import default_state_dtype
 from .pulse import HIST_LEN
 from .settle import SETTLE_KEYS
 
-DEFAULTED_KEYS = SETTLE_KEYS | {"steps", "pending", "x_prev", "m_prev"}
+DEFAULTED_KEYS = SETTLE_KEYS | {"steps", "pending", "x_prev", "m_prev", "d_hat"}
 """Controller entries a state saved by an earlier version may lack (they load fresh):
 settling's, the averaging step count (``_base.load_state_dict`` fills that one in) and its
 pending mixes (none: the old format kept the average up to date), and the distance
-controller's last sample and lr multipliers (fresh: an lr of 1, no shift)."""
+controller's last sample and lr multipliers (fresh: an lr of 1, no shift) and its last
+estimate (fresh: 0, so ``d`` waits for the next read of the sample to grow)."""
 
 BOUNDS: dict[str, dict[str, tuple[float, bool, float, bool]]] = {
     # key -> entry -> (lower bound, lower bound allowed, upper bound, whole numbers only)

@@ -175,3 +175,46 @@ def test_inductor_compiled_first_step_gives_each_parameter_its_own_state() -> No
     steps = [opt.state[p]["step"] for p in model.parameters()]
     assert len({s.untyped_storage().data_ptr() for s in steps}) == len(steps)
     assert [float(s) for s in steps] == [3.0] * len(steps)
+
+
+def _many_tensors(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """66 tensors: the distance sample is read every 2nd call (distance.md)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), *(nn.Linear(4, 4) for _ in range(32)))
+    return model, OPTIMIZERS[name](model.parameters())
+
+
+def test_a_sample_read_every_few_calls_compiles_and_matches_eager() -> None:
+    """EmoAiry's default (no averaging) on a model whose sample is read every 2nd call (when
+    to read comes from the host count of calls, ``_count_call``, kept out of the graph): the
+    compiled steps, on reads and between them, match eager ones."""
+    model, opt = _many_tensors("emoairy")
+    twin_model, twin_opt = _many_tensors("emoairy")
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(_many_step(model, opt), backend=counter)
+    eager = _many_step(twin_model, twin_opt)
+    for scale in LOSS_SCALES[:5]:
+        compiled(torch.tensor(scale))
+        eager(torch.tensor(scale))
+    diff = max(
+        (p - q).abs().max().item() for p, q in zip(model.parameters(), twin_model.parameters())
+    )
+    assert diff <= 1e-7
+    assert opt.get_effective_lr() == pytest.approx(twin_opt.get_effective_lr(), rel=1e-6)
+    assert opt.emo_state["emo_distance"]["num"][0] > 0
+    assert opt._plan["plan"].period == 2
+    assert counter.frame_count > 0, "nothing was compiled"
+
+
+def _many_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Tensor], Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 4, generator=gen)
+
+    def train_step(scale: Tensor) -> Tensor:
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step(loss=loss * scale)
+        opt.zero_grad()
+        return loss.detach()
+
+    return train_step
