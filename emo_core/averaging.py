@@ -34,7 +34,7 @@ AVERAGE_GROWTH = 1.5
 stale; but after a plateau (a zero-initialised head) layers whose gradient was ~0 step at
 5-10x their RMS while ``v`` remembers the plateau, and an unlimited scale followed that
 motion 3-6x per step into a 10-2000x loss spike (averaging.md, "Growth")."""
-FOLD_EVERY = 8  # steps between folds, at most
+FOLD_EVERY = 16  # steps between folds, at most
 FOLD_RAMP = 32  # ... and at most 1/FOLD_RAMP of the steps taken: every step at first
 
 

@@ -534,7 +534,7 @@ def test_adding_a_param_group_is_not_warned_about_as_a_changed_interpolation(opt
 
 
 # The lazy average (averaging.md, "Folds"): from call 64 on the average is brought up to
-# date every 2nd, 3rd, ... 8th step, so these tests run past it.
+# date every 2nd, 3rd, ... 16th step, so these tests run past it.
 FOLDING = [(EmoSens, {"fused": True}), (EmoSens, {"foreach": True}), (EmoCats, {})]
 FOLDING_IDS = ["EmoSens-fused", "EmoSens-foreach", "EmoCats"]
 
