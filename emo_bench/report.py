@@ -184,7 +184,9 @@ def speed_markdown(doc: dict[str, Any]) -> str:
         "# emo-bench speed",
         "",
         f"Command: `{s['command']}` · median of {s['repeats']} repeats × {s['steps']} steps "
-        f"after {s['warmup']} warm-up steps, optimizers interleaved round-robin",
+        f"after {s['warmup']} warm-up steps, optimizers interleaved round-robin (averaged "
+        "rows: whole fold periods after their ramp; distance rows: whole reads of the sample; "
+        "garbage collection paused in a timed block, as `timeit` does)",
         "",
         f"Machine: {machine_line(doc['machine'])}",
         "",

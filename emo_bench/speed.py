@@ -35,6 +35,7 @@ __all__ = [
     "profile_steps",
     "roofline",
     "run_speed",
+    "sample_period",
     "speed_entries",
     "state_bytes",
 ]
@@ -262,12 +263,37 @@ def count_syncs(step: Callable[[], None], opt: torch.optim.Optimizer, steps: int
 
 
 def _time_block(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds per step over ``steps`` calls, with Python's garbage collector paused (as
+    ``timeit`` does): a full collection of a process holding torch takes ~0.1 s, and where it
+    lands in a block of a few steps would otherwise decide that block's time."""
     _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        return (time.perf_counter() - start) / steps
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def sample_period(opt: torch.optim.Optimizer) -> int:
+    """Steps between reads of an Emo optimizer's distance sample (1 for other optimizers
+    and the v3.7 pulse): a timed block spans a whole number of them."""
+    plan = getattr(opt, "_plan", {}).get("plan")
+    return 1 if plan is None else plan.period
+
+
+def _block_steps(steps: int, entry: SpeedEntry, opt: torch.optim.Optimizer) -> int:
+    """Steps per timed block: at least ``steps`` and the entry's own (a whole fold period
+    of the averaged rows), rounded up to whole reads of the distance sample."""
+    block = max(steps, entry.block_steps)
+    period = sample_period(opt)
+    return -(-block // period) * period
 
 
 def _ratio(value: float, reference: float | None) -> float | None:
@@ -298,6 +324,7 @@ def run_speed(
         master = make_params(layout, device)
         numel = sum(p.numel() for p in master)
         built = []
+        opt_of: dict[str, torch.optim.Optimizer] = {}
         for entry in entries:
             bar.set_postfix_str(f"{layout.name} · {entry.name} · warm-up")
             params = _copy_params(master)  # own copy: some optimizers write into p.grad
@@ -310,13 +337,14 @@ def run_speed(
             warmed = 1 + max(0, warmup - 1, entry.steady_calls - 1) + 2 * entry.compiled
             warmed += _SYNC_STEPS
             built.append((entry, params, stepper, syncs, reads, state_bytes(opt), first_s, warmed))
+            opt_of[entry.name] = opt
             bar.update()
         times: dict[str, list[float]] = {e.name: [] for e in entries}
         for r in range(repeats):
             for entry, params, stepper, *_ in built:
                 bar.set_postfix_str(f"{layout.name} · {entry.name} · repeat {r + 1}")
                 _reset_grads(params, master)  # untimed: every block sees the same gradients
-                block = max(steps, entry.block_steps)
+                block = _block_steps(steps, entry, opt_of[entry.name])
                 times[entry.name].append(_time_block(stepper, block, device))
                 bar.update()
         medians = {name: statistics.median(ts) for name, ts in times.items()}
@@ -337,10 +365,10 @@ def run_speed(
                     "reads_per_step": reads,
                     "first_step_s": first_s,
                     "timed_from_step": warmed + 1,
-                    "steps_per_block": max(steps, entry.block_steps),
+                    "steps_per_block": _block_steps(steps, entry, opt_of[entry.name]),
                 }
             )
-        del built, master
+        del built, opt_of, master
         gc.collect()
     bar.close()
     return {

@@ -146,7 +146,7 @@ def test_run_speed_reports_documented_fields_with_reference_ratios() -> None:
 
 
 def test_averaged_optimizers_are_timed_at_their_steady_fold_period() -> None:
-    """average=True folds every step for its first 63 steps and every 8th from step 256
+    """average=True folds every step for its first 63 steps and every 16th from step 512
     (emo_core/averaging.md): timing it from step 5 in blocks of 3 would measure neither the
     steady cost nor one that holds its folds."""
     layout = Layout("tiny", "tiny", ((16, 8),))
@@ -166,6 +166,24 @@ def test_averaged_optimizers_are_timed_at_their_steady_fold_period() -> None:
     for entry in averaged:
         assert rows[entry.name]["timed_from_step"] > FOLD_RAMP * FOLD_EVERY
         assert rows[entry.name]["steps_per_block"] == FOLD_EVERY
+
+
+def test_a_sample_read_every_few_steps_is_timed_over_whole_reads() -> None:
+    """On a layout of 160 tensors the distance sample is read every 3rd call: blocks of 4
+    steps would hold one read or two by turns, so they are rounded up to 6."""
+    layout = Layout("many", "many", ((4, 4),) * 160)
+    entry = next(e for e in speed_entries() if e.name == "EmoAiry pulse=distance")
+    doc = run_speed(
+        entries=[SpeedEntry("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)), entry],
+        chosen_layouts=[layout],
+        warmup=1,
+        repeats=2,
+        steps=4,
+        progress=False,
+    )
+    rows = {r["optimizer"]: r for r in doc["results"]}
+    assert rows["AdamW fused"]["steps_per_block"] == 4
+    assert rows[entry.name]["steps_per_block"] == 6
 
 
 def test_roofline_fraction_is_bound_over_measured_time() -> None:
